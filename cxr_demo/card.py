@@ -1,0 +1,177 @@
+"""Model cards: the contract between a checkpoint folder and everything that uses it.
+
+A checkpoint folder ``<name>/`` holds ``config.json`` (this card), ``model.safetensors`` and
+``eval.json``. The card carries everything needed to use the weights; loading one that is
+incomplete or inconsistent raises with a message that says how to fix it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cxr_demo import INTENDED_USE
+
+CARD_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+EVAL_FILE = "eval.json"
+
+OPERATING_POINTS: tuple[str, ...] = ("f1", "youden", "screening")
+OPERATING_POINT_HELP: dict[str, str] = {
+    "f1": "F1-optimal threshold per finding (tuned on validation images)",
+    "youden": "Youden's J (sensitivity + specificity - 1) maximised per finding (validation)",
+    "screening": "highest threshold that keeps validation sensitivity >= 0.9 (high-sensitivity screening)",
+}
+
+# A zoo name is a plain identifier, never a path: it indexes a dict, it is not joined to a folder
+# by the caller.
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+
+
+class CardError(ValueError):
+    """A card is missing, malformed or does not match its weights."""
+
+
+class EvalMetrics(BaseModel):
+    """Headline metrics copied from the evaluation file next to the card."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source_file: str = Field(description="evaluation file (relative to the card) the numbers come from")
+    dataset: str
+    n_images: int
+    macro_auroc: float | None = None
+    macro_auroc_ci95: tuple[float, float] | None = None
+    accuracy: float | None = None
+    per_label_auroc: dict[str, float] = Field(default_factory=dict)
+    mean_box_iou: float | None = None
+    n_boxes: int | None = None
+
+
+class ModelCard(BaseModel):
+    """Everything needed to use one checkpoint, as stored in ``config.json``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    version: str
+    changelog: list[str] = Field(min_length=1)
+    description: str
+    summary: str = Field(description="one line: architecture, init, training data, headline metric")
+    task: str = Field(description="task id, e.g. nih14, kermany2, kermany3, covid3")
+    task_kind: Literal["multilabel", "multiclass"]
+    architecture: str = Field(description="timm model name")
+    model_args: dict[str, Any] = Field(default_factory=dict)
+    label_names: list[str] = Field(min_length=1)
+    input_size: int = Field(gt=15, le=2048)
+    mean: float
+    std: float = Field(gt=0)
+    crop: tuple[float, float, float, float] | None = Field(
+        default=None, description="fixed crop (top, bottom, left, right) as fractions of the image"
+    )
+    thresholds: dict[str, dict[str, float]] = Field(default_factory=dict)
+    cam_target_layer: str
+    intended_use: str = INTENDED_USE
+    limitations: list[str] = Field(default_factory=list)
+    data_source: str
+    init: str = Field(description="ImageNet / random / in-domain pretrain (and from what)")
+    training: dict[str, Any] = Field(default_factory=dict)
+    eval_metrics: EvalMetrics | None = None
+    license: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not NAME_PATTERN.match(v):
+            raise ValueError(
+                f"model name {v!r} must be lower-case letters, digits, '_', '-' or '.', at most 64 "
+                "characters, and never a path"
+            )
+        return v
+
+    @field_validator("label_names")
+    @classmethod
+    def _unique_labels(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"label_names has duplicates: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _thresholds_cover_labels(self) -> ModelCard:
+        if self.task_kind == "multilabel":
+            for op, per_label in self.thresholds.items():
+                if op not in OPERATING_POINTS:
+                    raise ValueError(f"unknown operating point {op!r}; expected one of {OPERATING_POINTS}")
+                missing = set(self.label_names) - set(per_label)
+                extra = set(per_label) - set(self.label_names)
+                if missing or extra:
+                    raise ValueError(
+                        f"thresholds[{op!r}] must have one value per label; missing {sorted(missing)}, "
+                        f"unknown {sorted(extra)}"
+                    )
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def operating_points(self) -> list[str]:
+        """Operating points this card can apply (multi-class models use the arg-max)."""
+        if self.task_kind == "multiclass":
+            return ["argmax"]
+        return [op for op in OPERATING_POINTS if op in self.thresholds]
+
+    def threshold(self, operating_point: str, label: str) -> float:
+        """The decision threshold of ``label`` at ``operating_point``."""
+        return self.thresholds[operating_point][label]
+
+    def summary_entry(self) -> dict[str, Any]:
+        """A JSON-able description of this zoo entry for the ``/models`` endpoint."""
+        headline: dict[str, Any] = {}
+        if self.eval_metrics is not None:
+            headline = self.eval_metrics.model_dump(exclude={"per_label_auroc"}, exclude_none=True)
+        return {
+            "name": self.name,
+            "version": self.version,
+            "summary": self.summary,
+            "task": self.task,
+            "task_kind": self.task_kind,
+            "architecture": self.architecture,
+            "init": self.init,
+            "label_names": list(self.label_names),
+            "operating_points": self.operating_points,
+            "headline_metrics": headline,
+            "intended_use": self.intended_use,
+        }
+
+
+def read_card(folder: Path) -> ModelCard:
+    """Parse ``folder/config.json`` into a :class:`ModelCard`.
+
+    Raises:
+        CardError: the file is missing, is not JSON, or does not describe a usable model.
+    """
+    path = Path(folder) / CARD_FILE
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise CardError(f"{path} is missing: every checkpoint folder needs a {CARD_FILE} card") from e
+    except json.JSONDecodeError as e:
+        raise CardError(f"{path} is not valid JSON ({e}); regenerate it with training.export") from e
+    try:
+        return ModelCard.model_validate(raw)
+    except ValidationError as e:
+        raise CardError(f"{path} is not a valid model card; fix these fields:\n{e}") from e
+
+
+def write_card(card: ModelCard, folder: Path) -> Path:
+    """Write ``card`` as ``folder/config.json`` (stable key order, trailing newline)."""
+    path = Path(folder) / CARD_FILE
+    path.write_text(json.dumps(card.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,21 @@
+"""Label sets of the tasks the zoo knows, in the order the cards and heads use."""
+
+NIH14_LABELS: tuple[str, ...] = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+)
+
+# The official box list spells one finding differently from the label table.
+NIH_BOX_LABEL_ALIASES: dict[str, str] = {"Infiltrate": "Infiltration"}

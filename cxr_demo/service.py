@@ -1,0 +1,197 @@
+"""What the app does, without the UI: predict and explain on an uploaded file.
+
+The Gradio layer (``cxr_demo.ui``) turns :class:`UserInputError` subclasses into ``gr.Error``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxr_demo.card import OPERATING_POINTS, ModelCard
+from cxr_demo.explain import (
+    CAM_METHODS,
+    DEFAULT_BOX_THRESHOLD,
+    DEFAULT_CAM_METHOD,
+    best_match,
+    box_iobb,
+    box_iou,
+    compute_heatmap,
+    heatmap_to_boxes,
+    render_overlay,
+    resize_heatmap,
+)
+from cxr_demo.groundtruth import BoxInputError, nih_boxes_for, parse_boxes
+from cxr_demo.images import ImageInputError, XRay, read_xray
+from cxr_demo.inference import findings_table, predict_probabilities, preprocess
+from cxr_demo.zoo import UnknownModelError, Zoo
+
+log = logging.getLogger(__name__)
+
+LOW_PROBABILITY = 0.2
+
+
+class ChoiceError(ValueError):
+    """An operating point, finding or CAM method the model does not offer."""
+
+
+USER_ERRORS: tuple[type[Exception], ...] = (ImageInputError, UnknownModelError, BoxInputError, ChoiceError)
+
+
+@dataclass
+class Prediction:
+    """A predict result: the JSON document plus what the UI shows."""
+
+    document: dict[str, Any]
+    xray: XRay
+    card: ModelCard
+
+
+class DemoService:
+    """Predict and explain with the models of a :class:`Zoo`.
+
+    One lock serialises model use: pytorch-grad-cam hooks live on the shared module, so two CAMs
+    (or a CAM and a forward pass) must not interleave on one model.
+    """
+
+    def __init__(self, zoo: Zoo) -> None:
+        self.zoo = zoo
+        self._model_lock = threading.RLock()
+
+    def models(self) -> list[dict[str, Any]]:
+        """Zoo entries for the ``/models`` endpoint."""
+        return [card.summary_entry() for card in self.zoo.cards.values()]
+
+    def _operating_point(self, card: ModelCard, operating_point: str | None) -> str:
+        ops = card.operating_points
+        op = operating_point or ops[0]
+        if card.task_kind == "multiclass":
+            return "argmax"
+        if op not in ops:
+            raise ChoiceError(
+                f"Unknown operating point {str(op)[:40]!r} for {card.name}; choose one of: {', '.join(ops)}."
+            )
+        return op
+
+    def predict(self, path: str | Path | None, model_name: str, operating_point: str | None = None) -> Prediction:
+        """Probabilities, thresholds and flags for every finding of ``model_name``'s card."""
+        card = self.zoo.card(model_name)
+        op = self._operating_point(card, operating_point)
+        xray = self._read(path)
+        x = preprocess(xray.pixels, card)
+        with self._model_lock:
+            probs = predict_probabilities(self.zoo.model(card.name), card, x)[0]
+        doc = {
+            "model": card.name,
+            "operating_point": op,
+            "findings": findings_table(card, probs, op),
+            "warnings": list(xray.warnings),
+        }
+        return Prediction(doc, xray, card)
+
+    @staticmethod
+    def _read(path: str | Path | None) -> XRay:
+        if path is None or (isinstance(path, str) and not path.strip()):
+            raise ImageInputError("No image was uploaded; please choose a PNG, JPEG or DICOM chest X-ray.")
+        return read_xray(path)
+
+    def explain(
+        self,
+        path: str | Path | None,
+        model_name: str,
+        finding: str | None = None,
+        method: str | None = None,
+        ground_truth: str | None = None,
+        opacity: float = 0.5,
+        box_threshold: float = DEFAULT_BOX_THRESHOLD,
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Heatmap overlay and box agreement for one finding.
+
+        Ground truth comes from ``ground_truth`` (typed ``x, y, w, h`` in image pixels) or, when none
+        is typed, from the NIH box list matched by the uploaded file's name.
+        """
+        card = self.zoo.card(model_name)
+        method = (method or "default").strip().lower()
+        if method == "default":
+            method = DEFAULT_CAM_METHOD
+        if method not in CAM_METHODS:
+            raise ChoiceError(f"Unknown heatmap method {method[:40]!r}; choose one of: {', '.join(CAM_METHODS)}, default.")
+        if not 0.0 <= float(opacity) <= 1.0:
+            raise ChoiceError("Opacity must be between 0 and 1.")
+        if not 0.05 <= float(box_threshold) <= 0.95:
+            raise ChoiceError("The box threshold must be between 0.05 and 0.95 of the heatmap's maximum.")
+        if finding and finding not in card.label_names:
+            raise ChoiceError(
+                f"{card.name} has no finding {str(finding)[:40]!r}; choose one of: {', '.join(card.label_names)}."
+            )
+        xray = self._read(path)
+        x = preprocess(xray.pixels, card)
+        warnings = list(xray.warnings)
+        with self._model_lock:
+            model = self.zoo.model(card.name)
+            probs = predict_probabilities(model, card, x)[0]
+            index = card.label_names.index(finding) if finding else int(np.argmax(probs))
+            finding = card.label_names[index]
+            heat = compute_heatmap(model, card, x, index, method)
+        heat = resize_heatmap(heat, xray.width, xray.height)
+        pred_boxes = heatmap_to_boxes(heat, box_threshold, largest_only=True)
+
+        typed = parse_boxes(ground_truth, xray.width, xray.height)
+        source: str | None = None
+        if typed:
+            truth, source = typed, "typed by user"
+        else:
+            nih = nih_boxes_for(Path(str(path)).name, xray.width, xray.height)
+            truth = [b for f, b in nih if f == finding]
+            if truth:
+                source = "NIH BBox_List_2017.csv"
+            elif nih:
+                others = sorted({f for f, _ in nih})
+                warnings.append(
+                    f"The radiologist boxed {', '.join(others)} on this image, not {finding}; choose that finding to "
+                    "see the overlap."
+                )
+            else:
+                warnings.append("No ground-truth box for this image: IoU is not computed.")
+        iou, iobb = best_match(pred_boxes, truth)
+        prob = float(probs[index])
+        if card.task_kind == "multilabel" and prob < LOW_PROBABILITY:
+            warnings.append(
+                f"The model gives {finding} a low probability ({prob:.2f}); this heatmap shows where it looked, "
+                "not a finding it sees."
+            )
+        overlay = render_overlay(xray.to_uint8(), heat, float(opacity), pred_boxes, truth)
+        doc = {
+            "finding": finding,
+            "probability": prob,
+            "method": method,
+            "box_threshold": float(box_threshold),
+            "image_size": [xray.width, xray.height],
+            "predicted_boxes": [[round(v, 1) for v in b] for b in pred_boxes],
+            "ground_truth_boxes": [[round(v, 1) for v in b] for b in truth],
+            "ground_truth_source": source,
+            "iou": iou,
+            "iobb": iobb,
+            "per_box": [
+                {"ground_truth": [round(v, 1) for v in t],
+                 "iou": max((box_iou(p, t) for p in pred_boxes), default=0.0),
+                 "iobb": max((box_iobb(p, t) for p in pred_boxes), default=0.0)}
+                for t in truth
+            ],
+            "warnings": warnings,
+        }
+        return overlay, doc
+
+    def boxed_findings(self, path: str | Path | None, width: int, height: int) -> list[str]:
+        """Findings the NIH box list has for this file name (for pre-selecting one in the UI)."""
+        if not path:
+            return []
+        return sorted({f for f, _ in nih_boxes_for(Path(str(path)).name, width, height)})
+
+
+__all__ = ["DemoService", "Prediction", "USER_ERRORS", "OPERATING_POINTS"]

@@ -1,0 +1,148 @@
+"""The model zoo: cards discovered in a checkpoint folder (default) or a Hugging Face Hub repo.
+
+A model name coming from the UI or the API only ever indexes the dict of discovered cards; it is
+never joined to a path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cxr_demo.card import CARD_FILE, EVAL_FILE, WEIGHTS_FILE, CardError, ModelCard, read_card
+from cxr_demo.models import load_weights
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
+DEFAULT_MAX_LOADED = 3
+
+
+class UnknownModelError(KeyError):
+    """A requested model name is not in the zoo."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; we want the sentence as is
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class ZooSource:
+    """Where cards and weights come from."""
+
+    local_dir: Path
+    hub_repo: str | None = None
+    hub_revision: str | None = None
+
+    def describe(self) -> str:
+        if self.hub_repo:
+            return f"Hugging Face Hub {self.hub_repo}@{self.hub_revision or 'main'}"
+        return str(self.local_dir)
+
+
+def source_from_env() -> ZooSource:
+    """``CXR_DEMO_HUB_REPO`` (+ ``CXR_DEMO_HUB_REVISION``) selects the Hub; else ``CXR_DEMO_CHECKPOINTS``
+    or the project's ``checkpoints/``."""
+    local = Path(os.environ.get("CXR_DEMO_CHECKPOINTS", DEFAULT_CHECKPOINTS))
+    repo = os.environ.get("CXR_DEMO_HUB_REPO") or None
+    return ZooSource(local, repo, os.environ.get("CXR_DEMO_HUB_REVISION") or None)
+
+
+def _hub_snapshot(repo: str, revision: str | None) -> Path:
+    """Download (or find in the cache) the cards and eval files of every model in a Hub repo."""
+    from huggingface_hub import snapshot_download
+
+    return Path(
+        snapshot_download(
+            repo_id=repo, revision=revision, allow_patterns=[f"*/{CARD_FILE}", f"*/{EVAL_FILE}", f"*/roc.png"]
+        )
+    )
+
+
+class Zoo:
+    """Cards of every checkpoint, and a bounded cache of loaded models.
+
+    Args:
+        source: where to look; cards are read once, weights only when a model is first used.
+        max_loaded: how many models stay in memory (least recently used is dropped).
+    """
+
+    def __init__(self, source: ZooSource | None = None, max_loaded: int | None = None) -> None:
+        self.source = source or source_from_env()
+        self.max_loaded = max_loaded or int(os.environ.get("CXR_DEMO_MAX_LOADED_MODELS", DEFAULT_MAX_LOADED))
+        self._lock = threading.Lock()
+        self._loaded: OrderedDict[str, torch.nn.Module] = OrderedDict()
+        self.cards: dict[str, ModelCard] = {}
+        self.folders: dict[str, Path] = {}
+        self.problems: dict[str, str] = {}
+        root = _hub_snapshot(self.source.hub_repo, self.source.hub_revision) if self.source.hub_repo else self.source.local_dir
+        for folder in sorted(p.parent for p in Path(root).glob(f"*/{CARD_FILE}")):
+            try:
+                card = read_card(folder)
+            except CardError as e:
+                log.error("skipping checkpoint %s: %s", folder.name, e)
+                self.problems[folder.name] = str(e)
+                continue
+            if card.name != folder.name:
+                msg = f"card name {card.name!r} differs from its folder {folder.name!r}"
+                log.error("skipping checkpoint %s: %s", folder.name, msg)
+                self.problems[folder.name] = msg
+                continue
+            self.cards[card.name] = card
+            self.folders[card.name] = folder
+        log.info("zoo: %d models from %s", len(self.cards), self.source.describe())
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.cards)
+
+    def card(self, name: str) -> ModelCard:
+        """The card of a zoo model.
+
+        Raises:
+            UnknownModelError: ``name`` is not a model of this zoo (paths are never accepted).
+        """
+        if not isinstance(name, str) or name not in self.cards:
+            shown = repr(name)[:80]
+            raise UnknownModelError(
+                f"Unknown model {shown}; choose one of: {', '.join(self.names) or '(the zoo is empty)'}."
+            )
+        return self.cards[name]
+
+    def weights_path(self, name: str) -> Path:
+        """Local path of a model's weights (downloaded from the Hub at the pinned revision if needed)."""
+        card = self.card(name)
+        if self.source.hub_repo:
+            from huggingface_hub import hf_hub_download
+
+            return Path(hf_hub_download(self.source.hub_repo, f"{card.name}/{WEIGHTS_FILE}", revision=self.source.hub_revision))
+        return self.folders[name] / WEIGHTS_FILE
+
+    def model(self, name: str) -> torch.nn.Module:
+        """The loaded model (sha256-verified, strict), from the bounded cache."""
+        card = self.card(name)
+        with self._lock:
+            if name in self._loaded:
+                self._loaded.move_to_end(name)
+                return self._loaded[name]
+        model = load_weights(card, self.weights_path(name))
+        with self._lock:
+            self._loaded[name] = model
+            self._loaded.move_to_end(name)
+            while len(self._loaded) > self.max_loaded:
+                dropped, _ = self._loaded.popitem(last=False)
+                log.info("zoo: unloaded %s (cache holds %d)", dropped, self.max_loaded)
+        return model
+
+    @property
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return list(self._loaded)
+
+    def eval_file(self, name: str) -> Path:
+        return self.folders[self.card(name).name] / EVAL_FILE

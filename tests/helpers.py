@@ -1,0 +1,48 @@
+"""Builders for offline test fixtures: tiny checkpoints and synthetic radiograph-like images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from safetensors.torch import save_file
+
+from cxr_demo.card import OPERATING_POINTS, WEIGHTS_FILE, ModelCard, write_card
+from cxr_demo.labels import NIH14_LABELS
+from cxr_demo.models import default_cam_layer, sha256_file
+
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+NIH = SHARED_DATA / "nih14"
+
+
+def make_checkpoint(root: Path, name: str = "tiny", arch: str = "test_efficientnet",
+                    labels: list[str] | None = None, seed: int = 0, input_size: int = 64) -> Path:
+    """Write a random-weight checkpoint folder with a valid card; returns the folder."""
+    labels = list(labels or NIH14_LABELS)
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, pretrained=False, num_classes=len(labels), in_chans=1)
+    folder = Path(root) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
+    card = ModelCard(
+        name=name, version="0.0.1", changelog=["test"], description="test model", summary=f"{arch} test",
+        task="nih14", task_kind="multilabel", architecture=arch, model_args={"in_chans": 1}, label_names=labels,
+        input_size=input_size, mean=0.5, std=0.25,
+        thresholds={op: {lab: 0.5 for lab in labels} for op in OPERATING_POINTS},
+        cam_target_layer=default_cam_layer(arch), data_source="none", init="random", license="CC0-1.0",
+        sha256=sha256_file(folder / WEIGHTS_FILE),
+    )
+    write_card(card, folder)
+    return folder
+
+
+def synthetic_xray(size: int = 256, seed: int = 0) -> np.ndarray:
+    """A grayscale chest-like image in [0, 1]: dark lungs in a bright body, with noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    body = np.exp(-(((xx - 0.5) / 0.45) ** 2 + ((yy - 0.55) / 0.55) ** 2) * 2)
+    lungs = sum(np.exp(-(((xx - cx) / 0.15) ** 2 + ((yy - 0.45) / 0.25) ** 2) * 2) for cx in (0.32, 0.68))
+    img = 0.2 + 0.6 * body - 0.4 * lungs + 0.03 * rng.standard_normal((size, size))
+    return np.clip(img, 0, 1).astype(np.float32)

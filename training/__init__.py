@@ -1,0 +1,1 @@
+"""Training, evaluation and publishing of the cxr_demo model zoo (imports cxr_demo, never the reverse)."""

@@ -1,0 +1,83 @@
+"""Classification metrics: AUROC with bootstrap CIs and per-finding thresholds."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import precision_recall_fscore_support, roc_auc_score, roc_curve
+
+
+def safe_auroc(y: np.ndarray, p: np.ndarray) -> float | None:
+    """AUROC, or ``None`` when only one class is present."""
+    if y.min() == y.max():
+        return None
+    return float(roc_auc_score(y, p))
+
+
+def macro_auroc(Y: np.ndarray, P: np.ndarray) -> float | None:
+    """Mean AUROC over the labels that have both classes."""
+    vals = [a for j in range(Y.shape[1]) if (a := safe_auroc(Y[:, j], P[:, j])) is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def bootstrap_auroc(
+    Y: np.ndarray, P: np.ndarray, n_boot: int = 1000, seed: int = 0
+) -> tuple[list[tuple[float, float] | None], tuple[float, float] | None]:
+    """95% percentile bootstrap intervals (images resampled) per label and for the macro mean."""
+    rng = np.random.default_rng(seed)
+    n, k = Y.shape
+    per = [[] for _ in range(k)]
+    macro = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        vals = []
+        for j in range(k):
+            a = safe_auroc(Y[idx, j], P[idx, j])
+            if a is not None:
+                per[j].append(a)
+                vals.append(a)
+        if vals:
+            macro.append(np.mean(vals))
+
+    def ci(v: list[float]) -> tuple[float, float] | None:
+        return (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) if len(v) > 10 else None
+
+    return [ci(v) for v in per], ci(macro)
+
+
+def tune_thresholds(y: np.ndarray, p: np.ndarray, min_sensitivity: float = 0.9) -> dict[str, float]:
+    """F1-optimal, Youden and screening (sensitivity >= ``min_sensitivity``) thresholds for one label.
+
+    With no positives (or no negatives) the thresholds fall back to 0.5.
+    """
+    if y.min() == y.max():
+        return {"f1": 0.5, "youden": 0.5, "screening": 0.5}
+    fpr, tpr, thr = roc_curve(y, p)
+    thr = np.clip(thr, 0.0, 1.0)
+    youden = float(thr[int(np.argmax(tpr - fpr))])
+    ok = np.nonzero(tpr >= min_sensitivity)[0]
+    screening = float(thr[ok[0]]) if len(ok) else float(thr[-1])
+    cands = np.unique(p)
+    best_f1, best_t = -1.0, 0.5
+    pos = y.sum()
+    for t in cands:
+        pred = p >= t
+        tp = float((pred & (y == 1)).sum())
+        f1 = 2 * tp / (pred.sum() + pos) if (pred.sum() + pos) else 0.0
+        if f1 > best_f1:
+            best_f1, best_t = f1, float(t)
+    return {"f1": best_t, "youden": youden, "screening": screening}
+
+
+def operating_point_metrics(Y: np.ndarray, P: np.ndarray, thresholds: np.ndarray) -> dict:
+    """Per-label and macro precision/recall/F1 and exact-match ratio at given thresholds."""
+    pred = (P >= thresholds[None, :]).astype(int)
+    prec, rec, f1, _ = precision_recall_fscore_support(Y.astype(int), pred, average=None, zero_division=0)
+    return {
+        "macro_precision": float(np.mean(prec)),
+        "macro_recall": float(np.mean(rec)),
+        "macro_f1": float(np.mean(f1)),
+        "exact_match": float(np.mean((pred == Y.astype(int)).all(axis=1))),
+        "per_label_f1": [float(v) for v in f1],
+        "per_label_recall": [float(v) for v in rec],
+        "per_label_precision": [float(v) for v in prec],
+    }
