@@ -264,10 +264,11 @@ def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.
                         opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="Heatmap opacity")
                         box_threshold = gr.Slider(0.05, 0.95, value=DEFAULT_BOX_THRESHOLD, step=0.05,
                                                   label="Box threshold (fraction of heatmap max)")
-                    gt_box = gr.Textbox(label="Ground-truth box (optional): x, y, w, h in image pixels; ';' between boxes",
+                    gt_box = gr.Textbox(value="", label="Ground-truth box (optional): x, y, w, h in image pixels; ';' between boxes",
                                         placeholder="e.g. 120, 80, 60, 90 (leave empty to use the NIH box list)")
                     explain_btn = gr.Button("Show heatmap", variant="primary")
-                    overlay = gr.Image(label="Heatmap overlay", type="numpy", interactive=False, format="png")
+                    overlay = gr.Image(label="Heatmap overlay", type="numpy", interactive=False, format="png",
+                                       elem_id="overlay")
                     explain_note = gr.Markdown()
                     with gr.Accordion("JSON", open=False):
                         explain_json = gr.JSON(label="explain result")

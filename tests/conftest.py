@@ -21,3 +21,19 @@ def _isolated_hf_cache(tmp_path, monkeypatch):
 
 def pytest_configure(config):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+@pytest.fixture(scope="session")
+def live_app():
+    """The real app (committed checkpoints, default examples) served on 127.0.0.1; yields its URL."""
+    from cxr_demo.ui import build_demo, launch_kwargs
+    from cxr_demo.zoo import Zoo, ZooSource, DEFAULT_CHECKPOINTS
+
+    zoo = Zoo(ZooSource(DEFAULT_CHECKPOINTS))
+    assert zoo.names, "no committed checkpoint under checkpoints/"
+    demo = build_demo(zoo)
+    demo.queue(default_concurrency_limit=1)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
+                            **launch_kwargs())
+    yield url
+    demo.close()

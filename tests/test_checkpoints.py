@@ -1,0 +1,65 @@
+"""Every committed checkpoint is consistent: weights match the card, the card's numbers equal its eval."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from cxr_demo.card import read_card
+from cxr_demo.inference import predict_probabilities, preprocess
+from cxr_demo.models import load_weights, sha256_file
+from cxr_demo.zoo import DEFAULT_CHECKPOINTS
+from tests.helpers import NIH, synthetic_xray
+
+ROOT = Path(__file__).resolve().parent.parent
+FOLDERS = sorted(p.parent for p in DEFAULT_CHECKPOINTS.glob("*/config.json"))
+
+
+def test_at_least_one_nih_checkpoint_is_committed():
+    assert any(read_card(f).task == "nih14" for f in FOLDERS)
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=[f.name for f in FOLDERS])
+def test_checkpoint_is_consistent(folder):
+    card = read_card(folder)
+    assert card.name == folder.name
+    assert sha256_file(folder / "model.safetensors") == card.sha256
+    ev = json.loads((folder / "eval.json").read_text())
+    assert ev["weights_sha256"] == card.sha256, "eval.json was computed on other weights: re-run training.evaluate"
+    m = card.eval_metrics
+    assert m is not None and m.source_file == "eval.json"
+    assert m.macro_auroc == ev["macro_auroc"] and list(m.macro_auroc_ci95) == ev["macro_auroc_ci95"]
+    assert m.n_images == ev["n_images"]
+    assert m.per_label_auroc == {k: v["auroc"] for k, v in ev["per_label"].items() if v["auroc"] is not None}
+    assert m.mean_box_iou == ev["localisation"]["overall"]["mean_iou"]
+    assert m.n_boxes == ev["localisation"]["overall"]["n_boxes"]
+    assert f"test macro AUROC {ev['macro_auroc']:.3f}" in card.summary
+    assert (folder / "roc.png").is_file()
+    for op in card.operating_points:
+        for lab in card.label_names:
+            assert ev["operating_points"][op]["per_label"][lab]["threshold"] == card.threshold(op, lab)
+    if card.init.startswith("random"):
+        assert "random" in card.summary
+    model = load_weights(card, folder / "model.safetensors")
+    probs = predict_probabilities(model, card, preprocess(synthetic_xray(256), card))
+    assert probs.shape == (1, card.num_classes)
+
+
+def test_readme_zoo_table_is_current():
+    from training.report import main
+
+    assert main(["--check"]) == 0, "README.md's zoo table is stale: run python -m training.report"
+
+
+@pytest.mark.skipif(not (NIH / "images" / "00013118_008.png").is_file(), reason="../shared/data/nih14 is not present")
+def test_readme_client_example_runs(live_app, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the example's image path is relative to the project root, as for a user
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- client-example:start -->\n```python\n(.*?)```", text, re.S).group(1)
+    block = block.replace('"http://127.0.0.1:7860/"', repr(live_app))
+    exec(compile(block, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "Atelectasis" in out and "IoU" in out

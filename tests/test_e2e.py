@@ -1,0 +1,165 @@
+"""End to end: the real app and checkpoint, driven through gradio_client as a script would."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+
+from tests.helpers import NIH, synthetic_xray
+
+BOXED = NIH / "images" / "00013118_008.png"  # official box: Atelectasis
+needs_nih = pytest.mark.skipif(not BOXED.is_file(), reason="../shared/data/nih14 is not present")
+
+
+@pytest.fixture(scope="module")
+def client(live_app):
+    return Client(live_app, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def model_name(client):
+    return client.predict(api_name="/models")[0]["name"]
+
+
+def test_models_lists_the_zoo(client):
+    models = client.predict(api_name="/models")
+    assert models and {"name", "task", "label_names", "operating_points", "headline_metrics"} <= set(models[0])
+    nih = [m for m in models if m["task"] == "nih14"]
+    assert nih and nih[0]["headline_metrics"]["macro_auroc"] > 0.5
+
+
+def _unboxed_test_image():
+    boxed = {line.split(",")[0] for line in (NIH / "BBox_List_2017.csv").read_text().splitlines()[1:]}
+    test = (NIH / "test_list.txt").read_text().split()
+    return next(NIH / "images" / n for n in test if n not in boxed and (NIH / "images" / n).is_file())
+
+
+@needs_nih
+def test_predict_document(client, model_name):
+    doc, html = client.predict(handle_file(str(BOXED)), model_name, "f1", api_name="/predict")
+    assert doc["model"] == model_name and doc["operating_point"] == "f1"
+    models = client.predict(api_name="/models")
+    labels = next(m["label_names"] for m in models if m["name"] == model_name)
+    assert [f["name"] for f in doc["findings"]] == labels  # card order
+    for f in doc["findings"]:
+        assert 0 <= f["probability"] <= 1 and 0 <= f["threshold"] <= 1
+        assert f["positive"] == (f["probability"] >= f["threshold"])
+    assert "cxr-findings" in html
+
+
+@needs_nih
+def test_operating_points_change_thresholds(client, model_name):
+    f1 = client.predict(handle_file(str(BOXED)), model_name, "f1", api_name="/predict")[0]
+    scr = client.predict(handle_file(str(BOXED)), model_name, "screening", api_name="/predict")[0]
+    assert [r["probability"] for r in f1["findings"]] == [r["probability"] for r in scr["findings"]]
+    assert [r["threshold"] for r in f1["findings"]] != [r["threshold"] for r in scr["findings"]]
+
+
+@needs_nih
+def test_explain_with_nih_ground_truth(client, model_name):
+    overlay, doc, note = client.predict(handle_file(str(BOXED)), model_name, "Atelectasis", "gradcam", "", 0.5, 0.5,
+                                        api_name="/explain")
+    assert doc["finding"] == "Atelectasis" and doc["method"] == "gradcam"
+    assert doc["ground_truth_source"] == "NIH BBox_List_2017.csv"
+    assert len(doc["ground_truth_boxes"]) == 1 and len(doc["predicted_boxes"]) == 1
+    # the official box (225, 547, 87, 79) in the 1024 frame, scaled to the 384 px image
+    assert doc["ground_truth_boxes"][0] == pytest.approx([84.4, 205.1, 32.5, 29.7], abs=0.1)
+    assert 0.0 <= doc["iou"] <= 1.0 and 0.0 <= doc["iobb"] <= 1.0
+    im = Image.open(overlay)
+    assert im.size == (384, 384) and im.mode == "RGB"
+
+
+@needs_nih
+def test_explain_without_ground_truth_has_null_iou(client, model_name):
+    _, doc, note = client.predict(handle_file(str(_unboxed_test_image())), model_name, "", "default",
+                                  api_name="/explain")
+    assert doc["iou"] is None and doc["iobb"] is None and doc["ground_truth_boxes"] == []
+    assert any("No ground-truth box" in w for w in doc["warnings"])
+
+
+def test_explain_with_typed_box(client, model_name, tmp_path):
+    path = tmp_path / "synthetic.png"
+    Image.fromarray((synthetic_xray(200) * 255).astype(np.uint8)).save(path)
+    _, doc, _ = client.predict(handle_file(str(path)), model_name, "Effusion", "eigencam", "0, 0, 200, 200",
+                               api_name="/explain")
+    assert doc["ground_truth_source"] == "typed by user"
+    x, y, w, h = doc["predicted_boxes"][0]
+    assert doc["iou"] == pytest.approx(w * h / (200 * 200), rel=1e-3)  # the box covers the whole image
+    assert doc["iobb"] == pytest.approx(doc["iou"], rel=1e-3)
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _huge_png_header() -> bytes:
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b""))
+
+
+BAD = {
+    "empty.png": (b"", "empty"),
+    "text.png": (b"hello, I am not an image\n", "not an image"),
+    "truncated.png": (_png_bytes(Image.fromarray((synthetic_xray(128) * 255).astype(np.uint8)))[:3000], "damaged"),
+    "one.png": (_png_bytes(Image.new("L", (1, 1))), "too small"),
+    "huge.png": (_huge_png_header(), "too large"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_is_an_error_sentence_and_the_app_keeps_serving(client, model_name, tmp_path, name):
+    data, expected = BAD[name]
+    bad = tmp_path / name
+    bad.write_bytes(data)
+    for api, args in (("/predict", (model_name, "f1")), ("/explain", (model_name, "", "gradcam"))):
+        with pytest.raises(Exception) as info:
+            client.predict(handle_file(str(bad)), *args, api_name=api)
+        assert expected in str(info.value), str(info.value)
+        assert "Traceback" not in str(info.value) and "/tmp" not in str(info.value)
+    good = tmp_path / "good.png"
+    Image.fromarray((synthetic_xray(128) * 255).astype(np.uint8)).save(good)
+    doc, _ = client.predict(handle_file(str(good)), model_name, "f1", api_name="/predict")
+    assert len(doc["findings"]) > 0
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("../../etc/passwd", "f1"), "Unknown model"),
+    (("MODEL", "nonsense-op"), "Unknown operating point"),
+])
+def test_bad_choices_are_refused(client, model_name, tmp_path, args, expected):
+    good = tmp_path / "good.png"
+    Image.fromarray((synthetic_xray(128) * 255).astype(np.uint8)).save(good)
+    args = tuple(model_name if a == "MODEL" else a for a in args)
+    with pytest.raises(Exception, match=expected):
+        client.predict(handle_file(str(good)), *args, api_name="/predict")
+
+
+@pytest.mark.parametrize("finding, method, box, expected", [
+    ("NotAFinding", "gradcam", "", "has no finding"),
+    ("Effusion", "magic-cam", "", "Unknown heatmap method"),
+    ("Effusion", "gradcam", "1, 2, 3", "x, y, w, h"),
+])
+def test_bad_explain_arguments_are_refused(client, model_name, tmp_path, finding, method, box, expected):
+    good = tmp_path / "good.png"
+    Image.fromarray((synthetic_xray(128) * 255).astype(np.uint8)).save(good)
+    with pytest.raises(Exception, match=expected):
+        client.predict(handle_file(str(good)), model_name, finding, method, box, api_name="/explain")
+
+
+def test_compare_runs_every_model(client, tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray((synthetic_xray(128) * 255).astype(np.uint8)).save(good)
+    html, doc = client.predict(handle_file(str(good)), "f1", api_name="/compare")
+    names = [m["name"] for m in client.predict(api_name="/models")]
+    assert list(doc["results"]) == names and "<table" in html
