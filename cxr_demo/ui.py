@@ -230,7 +230,8 @@ def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.
                  "</tbody></table><p>Bold = passes that model's threshold.</p>")
         return table, {"operating_point": operating_point, "results": results}
 
-    with gr.Blocks(title="Chest X-ray model zoo") as demo:
+    # Uploaded and generated files are deleted from Gradio's cache after an hour (checked hourly).
+    with gr.Blocks(title="Chest X-ray model zoo", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
             f"# Chest X-ray model zoo\n**{INTENDED_USE}** Models trained by this project on small public data "
             "sets; see each model card for how well (or badly) it does."
