@@ -52,6 +52,17 @@ class EvalMetrics(BaseModel):
     n_boxes: int | None = None
 
 
+class ExplainDefaults(BaseModel):
+    """Heatmap defaults chosen by the localisation study (``training.localisation``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    layer: str
+    box_rule: dict[str, Any] = Field(description="fields of cxr_demo.explain.BoxRule")
+    source_file: str = Field(description="study result the choice comes from, relative to the project root")
+
+
 class ModelCard(BaseModel):
     """Everything needed to use one checkpoint, as stored in ``config.json``."""
 
@@ -81,6 +92,7 @@ class ModelCard(BaseModel):
     init: str = Field(description="ImageNet / random / in-domain pretrain (and from what)")
     training: dict[str, Any] = Field(default_factory=dict)
     eval_metrics: EvalMetrics | None = None
+    explain_defaults: ExplainDefaults | None = None
     license: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 

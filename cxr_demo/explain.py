@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from pytorch_grad_cam import (
     ScoreCAM,
     XGradCAM,
 )
+from pytorch_grad_cam.ablation_layer import AblationLayerVit
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from scipy import ndimage
 
@@ -58,24 +60,34 @@ def compute_heatmap(
     input_tensor: torch.Tensor,
     class_index: int,
     method: str = DEFAULT_CAM_METHOD,
+    layer: str | None = None,
 ) -> np.ndarray:
     """A class activation map for one image, at the model's input resolution, scaled to [0, 1].
 
+    ``layer`` overrides the card's CAM target layer (a dotted path such as ``blocks.4``).
     Must not run under ``torch.inference_mode``/``no_grad`` (pytorch-grad-cam needs gradients), and a
     shared model must not run two CAMs at once (the hooks live on the module).
     """
     if method not in CAM_METHODS:
         raise KeyError(f"unknown CAM method {method!r}; choose one of {sorted(CAM_METHODS)}")
-    layer = resolve_module(model, card.cam_target_layer)
+    target = resolve_module(model, layer or card.cam_target_layer)
     kwargs = {}
     reshape = reshape_for(model, card.architecture)
     if reshape is not None:
         kwargs["reshape_transform"] = reshape
+    if reshape is not None and method == "ablationcam":
+        # Token / channels-last activations: ablate the last dimension (pytorch-grad-cam's ViT layer
+        # transposes channels to dim 1 and back, which also fits Swin's (B, H, W, C)).
+        kwargs["ablation_layer"] = AblationLayerVit()
     x = input_tensor.detach().clone()  # a tensor born under inference_mode cannot take part in autograd
-    with CAM_METHODS[method](model=model, target_layers=[layer], **kwargs) as cam:
-        if method in {"scorecam", "ablationcam"}:
-            cam.batch_size = 32
+    cam = CAM_METHODS[method](model=model, target_layers=[target], **kwargs)
+    if method in {"scorecam", "ablationcam"}:
+        cam.batch_size = 32
+    # Not ``with cam:``: BaseCAM.__exit__ prints and swallows IndexError, hiding real failures.
+    try:
         grayscale = cam(input_tensor=x, targets=[ClassifierOutputTarget(class_index)])
+    finally:
+        cam.activations_and_grads.release()
     heat = np.asarray(grayscale[0], dtype=np.float32)
     heat = np.nan_to_num(heat, nan=0.0, posinf=0.0, neginf=0.0)
     peak = float(heat.max())
@@ -88,23 +100,57 @@ def resize_heatmap(heatmap: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(im.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
+@dataclass(frozen=True)
+class BoxRule:
+    """How a heatmap becomes boxes.
+
+    Attributes:
+        threshold: for ``mode="relative"`` a fraction of the heatmap's maximum; for ``"adaptive"``
+            the number k of standard deviations above the heatmap's mean (``mean + k * std``).
+        mode: ``"relative"`` or ``"adaptive"``.
+        regions: ``"largest"`` (one box, the largest connected region) or ``"all"`` (one box per region).
+        fit: ``"rect"`` (bounding rectangle of the region) or ``"moments"`` (a box centred on the
+            region's heat-weighted centroid, sized from its heat-weighted spread: tighter for diffuse maps).
+    """
+
+    threshold: float = DEFAULT_BOX_THRESHOLD
+    mode: str = "relative"
+    regions: str = "largest"
+    fit: str = "rect"
+
+    def describe(self) -> str:
+        level = f">= {self.threshold:g} x max" if self.mode == "relative" else f">= mean + {self.threshold:g} std"
+        what = "largest connected region" if self.regions == "largest" else "every connected region"
+        fit = "bounding rectangle" if self.fit == "rect" else "moment-fitted box"
+        return f"{what} of heatmap {level}, {fit}"
+
+
 def heatmap_to_boxes(
-    heatmap: np.ndarray, threshold: float = DEFAULT_BOX_THRESHOLD, largest_only: bool = True
+    heatmap: np.ndarray, threshold: float = DEFAULT_BOX_THRESHOLD, largest_only: bool = True,
+    rule: BoxRule | None = None,
 ) -> list[Box]:
-    """Boxes around the regions where ``heatmap >= threshold * max``.
+    """Boxes around the connected regions where the heatmap passes a threshold.
 
     Args:
         heatmap: 2-D non-negative map in the image's pixel frame.
-        threshold: fraction of the heatmap's maximum that a pixel must reach.
-        largest_only: keep only the largest connected region (else one box per region, largest first).
+        threshold: fraction of the heatmap's maximum a pixel must reach (ignored when ``rule`` is given).
+        largest_only: keep only the largest connected region (ignored when ``rule`` is given).
+        rule: the full box rule; overrides ``threshold`` and ``largest_only``.
 
     Returns:
-        Boxes as (x, y, w, h) in pixels; empty if the heatmap is all zero.
+        Boxes as (x, y, w, h) in pixels, largest region first; empty if the heatmap is all zero.
     """
+    rule = rule or BoxRule(threshold, "relative", "largest" if largest_only else "all", "rect")
     peak = float(np.max(heatmap)) if heatmap.size else 0.0
     if peak <= 0:
         return []
-    mask = heatmap >= threshold * peak
+    if rule.mode == "relative":
+        level = rule.threshold * peak
+    elif rule.mode == "adaptive":
+        level = min(float(heatmap.mean() + rule.threshold * heatmap.std()), peak)
+    else:
+        raise ValueError(f"unknown box-rule mode {rule.mode!r}")
+    mask = heatmap >= level
     labelled, n = ndimage.label(mask)
     if n == 0:
         return []
@@ -112,10 +158,29 @@ def heatmap_to_boxes(
     order = np.argsort(-sizes, kind="stable")
     slices = ndimage.find_objects(labelled)
     boxes: list[Box] = []
-    for i in order[:1] if largest_only else order:
+    for i in order[:1] if rule.regions == "largest" else order:
         sy, sx = slices[i]
-        boxes.append((float(sx.start), float(sy.start), float(sx.stop - sx.start), float(sy.stop - sy.start)))
+        if rule.fit == "moments":
+            boxes.append(_moment_box(heatmap, labelled == i + 1))
+        else:
+            boxes.append((float(sx.start), float(sy.start), float(sx.stop - sx.start), float(sy.stop - sy.start)))
     return boxes
+
+
+def _moment_box(heatmap: np.ndarray, region: np.ndarray) -> Box:
+    """A box with the heat-weighted centroid and spread of ``region`` (width = sqrt(12) * std, the
+    width of a uniform distribution with that spread), clipped to the image."""
+    ys, xs = np.nonzero(region)
+    w = heatmap[ys, xs].astype(np.float64)
+    w = w / w.sum()
+    cx, cy = float((xs * w).sum()), float((ys * w).sum())
+    sx = float(np.sqrt(((xs - cx) ** 2 * w).sum() + 1 / 12))
+    sy = float(np.sqrt(((ys - cy) ** 2 * w).sum() + 1 / 12))
+    half_w, half_h = np.sqrt(12) * sx / 2, np.sqrt(12) * sy / 2
+    x0, y0 = max(cx + 0.5 - half_w, 0.0), max(cy + 0.5 - half_h, 0.0)
+    x1 = min(cx + 0.5 + half_w, float(heatmap.shape[1]))
+    y1 = min(cy + 0.5 + half_h, float(heatmap.shape[0]))
+    return (x0, y0, x1 - x0, y1 - y0)
 
 
 def _intersection(a: Box, b: Box) -> float:
@@ -181,8 +246,15 @@ def render_overlay(
     out = Image.fromarray(np.clip(np.rint(base * 255), 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(out)
     width = max(2, round(min(gray.shape) / 200))
-    for x, y, w, h in truth_boxes:
+    for i, (x, y, w, h) in enumerate(truth_boxes, 1):
         draw.rectangle([x, y, x + w, y + h], outline=TRUTH_COLOUR, width=width + 1)
-    for x, y, w, h in pred_boxes:
+        draw.text((x, min(y + h + width + 1, gray.shape[0] - 11)), f"T{i}", fill=TRUTH_COLOUR)  # below the box
+    for i, (x, y, w, h) in enumerate(pred_boxes, 1):
         draw.rectangle([x, y, x + w, y + h], outline=PRED_COLOUR, width=width)
+        draw.text((x, max(y - 11 - width, 0)), f"P{i}", fill=PRED_COLOUR)  # above the box
+    if (truth_boxes or pred_boxes) and min(gray.shape) >= 128:  # legend, bottom-left
+        x0, y0 = 4, gray.shape[0] - 28
+        draw.rectangle([x0, y0, x0 + 150, y0 + 24], fill=(0, 0, 0))
+        draw.text((x0 + 4, y0 + 1), "P = model's box", fill=PRED_COLOUR)
+        draw.text((x0 + 4, y0 + 12), "T = radiologist's box", fill=TRUTH_COLOUR)
     return np.asarray(out)

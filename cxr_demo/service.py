@@ -16,8 +16,8 @@ import numpy as np
 from cxr_demo.card import OPERATING_POINTS, ModelCard
 from cxr_demo.explain import (
     CAM_METHODS,
-    DEFAULT_BOX_THRESHOLD,
     DEFAULT_CAM_METHOD,
+    BoxRule,
     best_match,
     box_iobb,
     box_iou,
@@ -34,6 +34,7 @@ from cxr_demo.zoo import UnknownModelError, Zoo
 log = logging.getLogger(__name__)
 
 LOW_PROBABILITY = 0.2
+MAX_BOXES = 3
 
 
 class ChoiceError(ValueError):
@@ -108,23 +109,20 @@ class DemoService:
         method: str | None = None,
         ground_truth: str | None = None,
         opacity: float = 0.5,
-        box_threshold: float = DEFAULT_BOX_THRESHOLD,
+        box_threshold: float | None = None,
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """Heatmap overlay and box agreement for one finding.
 
+        ``method="default"`` uses the method and layer the localisation study chose for this model
+        (``explain_defaults`` in its card); ``box_threshold`` None or 0 uses the study's box rule,
+        otherwise the largest region above that fraction of the heatmap's maximum.
         Ground truth comes from ``ground_truth`` (typed ``x, y, w, h`` in image pixels) or, when none
         is typed, from the NIH box list matched by the uploaded file's name.
         """
         card = self.zoo.card(model_name)
-        method = (method or "default").strip().lower()
-        if method == "default":
-            method = DEFAULT_CAM_METHOD
-        if method not in CAM_METHODS:
-            raise ChoiceError(f"Unknown heatmap method {method[:40]!r}; choose one of: {', '.join(CAM_METHODS)}, default.")
+        method, layer, rule = self.resolve_explain_settings(card, method, box_threshold)
         if not 0.0 <= float(opacity) <= 1.0:
             raise ChoiceError("Opacity must be between 0 and 1.")
-        if not 0.05 <= float(box_threshold) <= 0.95:
-            raise ChoiceError("The box threshold must be between 0.05 and 0.95 of the heatmap's maximum.")
         if finding and finding not in card.label_names:
             raise ChoiceError(
                 f"{card.name} has no finding {str(finding)[:40]!r}; choose one of: {', '.join(card.label_names)}."
@@ -137,9 +135,9 @@ class DemoService:
             probs = predict_probabilities(model, card, x)[0]
             index = card.label_names.index(finding) if finding else int(np.argmax(probs))
             finding = card.label_names[index]
-            heat = compute_heatmap(model, card, x, index, method)
+            heat = compute_heatmap(model, card, x, index, method, layer=layer)
         heat = resize_heatmap(heat, xray.width, xray.height)
-        pred_boxes = heatmap_to_boxes(heat, box_threshold, largest_only=True)
+        pred_boxes = heatmap_to_boxes(heat, rule=rule)[:MAX_BOXES]
 
         typed = parse_boxes(ground_truth, xray.width, xray.height)
         source: str | None = None
@@ -170,7 +168,8 @@ class DemoService:
             "finding": finding,
             "probability": prob,
             "method": method,
-            "box_threshold": float(box_threshold),
+            "layer": layer,
+            "box_rule": rule.describe(),
             "image_size": [xray.width, xray.height],
             "predicted_boxes": [[round(v, 1) for v in b] for b in pred_boxes],
             "ground_truth_boxes": [[round(v, 1) for v in b] for b in truth],
@@ -186,6 +185,29 @@ class DemoService:
             "warnings": warnings,
         }
         return overlay, doc
+
+    @staticmethod
+    def resolve_explain_settings(card: ModelCard, method: str | None, box_threshold: float | None
+                                 ) -> tuple[str, str, BoxRule]:
+        """CAM method, layer and box rule for a request (``default`` = the card's studied choice)."""
+        method = (method or "default").strip().lower()
+        layer = card.cam_target_layer
+        tuned = BoxRule()
+        if card.explain_defaults is not None:
+            tuned = BoxRule(**card.explain_defaults.box_rule)
+        if method == "default":
+            if card.explain_defaults is not None:
+                method, layer = card.explain_defaults.method, card.explain_defaults.layer
+            else:
+                method = DEFAULT_CAM_METHOD
+        if method not in CAM_METHODS:
+            raise ChoiceError(f"Unknown heatmap method {method[:40]!r}; choose one of: {', '.join(CAM_METHODS)}, default.")
+        if box_threshold is None or float(box_threshold) == 0.0:
+            return method, layer, tuned
+        if not 0.05 <= float(box_threshold) <= 0.95:
+            raise ChoiceError("The box threshold must be 0 (the model's tuned rule) or between 0.05 and 0.95 of the "
+                              "heatmap's maximum.")
+        return method, layer, BoxRule(float(box_threshold), "relative", "largest", "rect")
 
     def boxed_findings(self, path: str | Path | None, width: int, height: int) -> list[str]:
         """Findings the NIH box list has for this file name (for pre-selecting one in the UI)."""

@@ -13,7 +13,7 @@ import gradio as gr
 
 from cxr_demo import INTENDED_USE
 from cxr_demo.card import OPERATING_POINT_HELP, ModelCard
-from cxr_demo.explain import CAM_LABELS, DEFAULT_BOX_THRESHOLD, DEFAULT_CAM_METHOD, PRED_COLOUR, TRUTH_COLOUR
+from cxr_demo.explain import CAM_LABELS, PRED_COLOUR, TRUTH_COLOUR
 from cxr_demo.groundtruth import DEFAULT_DATA, bbox_csv_path
 from cxr_demo.service import USER_ERRORS, DemoService
 from cxr_demo.zoo import Zoo
@@ -181,7 +181,7 @@ def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.
         return pred.document, findings_html(pred.document)
 
     def explain(path: str | None, model_name: str, finding: str | None, method: str, ground_truth_box: str = "",
-                opacity: float = 0.5, box_threshold: float = DEFAULT_BOX_THRESHOLD):
+                opacity: float = 0.5, box_threshold: float = 0.0):
         """Heatmap overlay for one finding, its box, and IoU/IoBB against ground truth when there is one."""
         if finding in ("", "(most probable)"):
             finding = None
@@ -189,7 +189,8 @@ def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.
             overlay, doc = service.explain(path, model_name, finding, method, ground_truth_box, opacity, box_threshold)
         except USER_ERRORS as e:
             raise _error(e) from e
-        lines = [f"**{doc['finding']}** (p = {doc['probability']:.3f}), {CAM_LABELS[doc['method']]}; "
+        lines = [f"**{doc['finding']}** (p = {doc['probability']:.3f}), {CAM_LABELS[doc['method']]} at `{doc['layer']}`, "
+                 f"box: {doc['box_rule']}; "
                  f"<span style='color:rgb{PRED_COLOUR}'>&#9632;</span> model's box, "
                  f"<span style='color:rgb{TRUTH_COLOUR}'>&#9632;</span> radiologist's box."]
         if doc["iou"] is not None:
@@ -259,12 +260,13 @@ def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.
                     with gr.Row():
                         finding = gr.Dropdown(["(most probable)"], value="(most probable)", label="Finding",
                                               allow_custom_value=True)
-                        method = gr.Dropdown([(CAM_LABELS[k], k) for k in CAM_LABELS] + [("default", "default")],
-                                             value=DEFAULT_CAM_METHOD, label="Heatmap method", allow_custom_value=True)
+                        method = gr.Dropdown([("default (chosen by the localisation study)", "default")]
+                                             + [(CAM_LABELS[k], k) for k in CAM_LABELS],
+                                             value="default", label="Heatmap method", allow_custom_value=True)
                     with gr.Row():
                         opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="Heatmap opacity")
-                        box_threshold = gr.Slider(0.05, 0.95, value=DEFAULT_BOX_THRESHOLD, step=0.05,
-                                                  label="Box threshold (fraction of heatmap max)")
+                        box_threshold = gr.Slider(0.0, 0.95, value=0.0, step=0.05,
+                                                  label="Box threshold (fraction of heatmap max; 0 = the model's tuned rule)")
                     gt_box = gr.Textbox(value="", label="Ground-truth box (optional): x, y, w, h in image pixels; ';' between boxes",
                                         placeholder="e.g. 120, 80, 60, 90 (leave empty to use the NIH box list)")
                     explain_btn = gr.Button("Show heatmap", variant="primary")

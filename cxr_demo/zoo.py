@@ -59,7 +59,7 @@ def _hub_snapshot(repo: str, revision: str | None) -> Path:
 
     return Path(
         snapshot_download(
-            repo_id=repo, revision=revision, allow_patterns=[f"*/{CARD_FILE}", f"*/{EVAL_FILE}", f"*/roc.png"]
+            repo_id=repo, revision=revision, allow_patterns=[f"*/{CARD_FILE}", f"*/{EVAL_FILE}", "*/roc.png"]
         )
     )
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
 import timm
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from cxr_demo.card import OPERATING_POINTS, WEIGHTS_FILE, ModelCard, write_card
@@ -18,17 +20,19 @@ NIH = SHARED_DATA / "nih14"
 
 
 def make_checkpoint(root: Path, name: str = "tiny", arch: str = "test_efficientnet",
-                    labels: list[str] | None = None, seed: int = 0, input_size: int = 64) -> Path:
+                    labels: list[str] | None = None, seed: int = 0, input_size: int = 64,
+                    model_args: dict | None = None) -> Path:
     """Write a random-weight checkpoint folder with a valid card; returns the folder."""
     labels = list(labels or NIH14_LABELS)
     torch.manual_seed(seed)
-    model = timm.create_model(arch, pretrained=False, num_classes=len(labels), in_chans=1)
+    model_args = {"in_chans": 1, **(model_args or {})}
+    model = timm.create_model(arch, pretrained=False, num_classes=len(labels), **model_args)
     folder = Path(root) / name
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
     card = ModelCard(
         name=name, version="0.0.1", changelog=["test"], description="test model", summary=f"{arch} test",
-        task="nih14", task_kind="multilabel", architecture=arch, model_args={"in_chans": 1}, label_names=labels,
+        task="nih14", task_kind="multilabel", architecture=arch, model_args=model_args, label_names=labels,
         input_size=input_size, mean=0.5, std=0.25,
         thresholds={op: {lab: 0.5 for lab in labels} for op in OPERATING_POINTS},
         cam_target_layer=default_cam_layer(arch), data_source="none", init="random", license="CC0-1.0",
@@ -46,3 +50,36 @@ def synthetic_xray(size: int = 256, seed: int = 0) -> np.ndarray:
     lungs = sum(np.exp(-(((xx - cx) / 0.15) ** 2 + ((yy - 0.45) / 0.25) ** 2) * 2) for cx in (0.32, 0.68))
     img = 0.2 + 0.6 * body - 0.4 * lungs + 0.03 * rng.standard_normal((size, size))
     return np.clip(img, 0, 1).astype(np.float32)
+
+
+def make_fake_nih(root, n_train=48, n_test=16, size=96):
+    """An NIH-layout folder: labels table, official split lists, box list and PNG images."""
+    nih = root / "nih14"
+    (nih / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows, train, test, boxes = [], [], [], []
+    for i in range(n_train + n_test):
+        patient = i // 2 + 1
+        name = f"{patient:08d}_{i % 2:03d}.png"
+        findings = [lab for lab in NIH14_LABELS if rng.random() < 0.3] or ["No Finding"]
+        img = synthetic_xray(size, seed=i)
+        if "Effusion" in findings:  # something learnable: a bright lower-left blob
+            img[size // 2 :, : size // 3] += 0.3
+        Image.fromarray(np.clip(img * 255, 0, 255).astype(np.uint8)).save(nih / "images" / name)
+        rows.append([name, "|".join(findings), 0, patient, 50, "M", "PA", 1024, 1024, 0.14, 0.14])
+        (test if i >= n_train else train).append(name)
+        if i >= n_train and findings != ["No Finding"]:
+            f = findings[0] if findings[0] != "Infiltration" else "Infiltrate"
+            boxes.append([name, f, 100, 200, 300, 250, "", "", ""])
+    with open(nih / "Data_Entry_2017_v2020.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
+                    "View Position", "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]"])
+        w.writerows(rows)
+    with open(nih / "BBox_List_2017.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Image Index", "Finding Label", "Bbox [x", "y", "w", "h]", "", "", ""])
+        w.writerows(boxes)
+    (nih / "train_val_list.txt").write_text("\n".join(train) + "\n")
+    (nih / "test_list.txt").write_text("\n".join(test) + "\n")
+    return root

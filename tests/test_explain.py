@@ -104,27 +104,71 @@ def test_parse_boxes_rejects_malformed(text):
 
 
 def test_overlay_draws_boxes_in_their_colours():
-    gray = np.full((64, 64), 100, np.uint8)
-    out = render_overlay(gray, None, 0.0, pred_boxes=[(10, 10, 20, 20)], truth_boxes=[(40, 40, 10, 10)])
-    assert out.shape == (64, 64, 3)
-    assert tuple(out[10, 15]) == (255, 214, 0)
-    assert tuple(out[40, 45]) == (0, 230, 118)
-    assert tuple(out[0, 0]) == (100, 100, 100)
+    gray = np.full((256, 256), 100, np.uint8)
+    out = render_overlay(gray, None, 0.0, pred_boxes=[(10, 30, 20, 20)], truth_boxes=[(140, 40, 30, 30)])
+    assert out.shape == (256, 256, 3)
+    assert tuple(out[30, 15]) == (255, 214, 0)  # top edge of the model's box
+    assert tuple(out[40, 150]) == (0, 230, 118)  # top edge of the radiologist's box
+    assert tuple(out[128, 128]) == (100, 100, 100)  # untouched elsewhere
+    assert tuple(out[250, 100]) == (0, 0, 0)  # legend panel, bottom-left
 
 
-@pytest.mark.parametrize("arch", ["test_efficientnet", "test_resnet", "test_vit", "test_convnext"])
-def test_every_fast_cam_method_runs_on_each_family(tmp_path, arch):
-    folder = make_checkpoint(tmp_path, name="m", arch=arch, input_size=64 if arch != "test_vit" else 160)
+FAMILIES = {
+    # family: (timm architecture, input size, extra model args keeping the model tiny)
+    "efficientnet": ("test_efficientnet", 64, {}),
+    "resnet": ("test_resnet", 64, {}),
+    "densenet": ("densenet121", 64, {"growth_rate": 8, "block_config": (1, 1, 1, 1)}),
+    "vit": ("test_vit", 160, {}),
+    "swin": ("swin_tiny_patch4_window7_224", 224, {"embed_dim": 24, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1)}),
+    "convnext": ("test_convnext", 64, {}),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_cam_method_runs_on_each_family(tmp_path, family):
+    arch, size, extra = FAMILIES[family]
+    folder = make_checkpoint(tmp_path, name="m", arch=arch, input_size=size, model_args=extra)
     card = read_card(folder)
-    if arch == "test_vit":
-        card.input_size = 160  # test_vit is built for 160 px patches grids
     model = load_weights(card, folder / "model.safetensors")
     x = preprocess(synthetic_xray(128), card)
     with torch.inference_mode():  # tensors from inference mode must still work (they are cloned)
         x = x.clone()
     for method in CAM_METHODS:
-        if method in {"scorecam", "ablationcam"} and arch != "test_efficientnet":
-            continue  # slow perturbation methods: one family is enough here
+        if method in {"scorecam", "ablationcam"} and family not in {"efficientnet", "swin", "vit"}:
+            continue  # slow perturbation methods: a CNN and both transformer reshapes are enough
         heat = compute_heatmap(model, card, x, 3, method)
         assert heat.shape == (card.input_size, card.input_size), method
         assert np.isfinite(heat).all() and heat.min() >= 0 and heat.max() <= 1.0 + 1e-6, method
+
+
+def test_moment_box_of_a_uniform_block_is_the_block():
+    from cxr_demo.explain import BoxRule
+
+    heat = np.zeros((100, 100), np.float32)
+    heat[20:40, 30:70] = 1.0
+    (x, y, w, h), = heatmap_to_boxes(heat, rule=BoxRule(0.5, fit="moments"))
+    assert (x, y, w, h) == pytest.approx((30, 20, 40, 20), abs=0.01)
+
+
+def test_moment_box_is_tighter_than_the_rectangle_for_a_peaked_blob():
+    from cxr_demo.explain import BoxRule
+
+    yy, xx = np.mgrid[0:200, 0:200]
+    heat = np.exp(-((xx - 100.0) ** 2 + (yy - 80.0) ** 2) / (2 * 25.0**2))
+    rect = heatmap_to_boxes(heat, rule=BoxRule(0.2, fit="rect"))[0]
+    mom = heatmap_to_boxes(heat, rule=BoxRule(0.2, fit="moments"))[0]
+    assert mom[2] < rect[2] and mom[3] < rect[3]
+    assert mom[0] + mom[2] / 2 == pytest.approx(100.5, abs=0.5) and mom[1] + mom[3] / 2 == pytest.approx(80.5, abs=0.5)
+
+
+def test_adaptive_threshold_uses_mean_plus_k_std():
+    from cxr_demo.explain import BoxRule
+
+    heat = np.zeros((100, 100), np.float32)
+    heat[10:20, 10:20] = 1.0
+    heat[60:90, 60:90] = 0.3
+    # mean + 3 std = 0.037 + 3 x 0.129 ~ 0.43 here: only the bright square passes
+    assert heatmap_to_boxes(heat, rule=BoxRule(3.0, mode="adaptive")) == [(10.0, 10.0, 10.0, 10.0)]
+    # mean + 0.1 std ~ 0.05: both pass; the larger one first, and "all" keeps both
+    assert heatmap_to_boxes(heat, rule=BoxRule(0.1, mode="adaptive", regions="all")) == [
+        (60.0, 60.0, 30.0, 30.0), (10.0, 10.0, 10.0, 10.0)]

@@ -187,3 +187,63 @@ def _png_header_only(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("pdf.png", "not an image"),
+    ("zip.png", "not an image"),
+    ("truncated.jpg", "damaged"),
+])
+def test_more_non_images_and_broken_files(tmp_path, xray, case, message):
+    import zipfile
+
+    path = tmp_path / case
+    if case == "pdf.png":
+        path.write_bytes(b"%PDF-1.4\n1 0 obj<</Type/Catalog>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n")
+    elif case == "zip.png":
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("a.txt", "hello")
+    elif case == "truncated.jpg":
+        buf = io.BytesIO()
+        Image.fromarray(np.round(xray * 255).astype(np.uint8)).save(buf, "JPEG", quality=95)
+        path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3])
+    with pytest.raises(ImageInputError, match=message):
+        read_xray(path)
+
+
+@pytest.mark.parametrize("fmt, kwargs", [
+    ("TIFF", {}),
+    ("WEBP", {"lossless": True}),
+    ("BMP", {}),
+])
+def test_other_pillow_formats_decode(tmp_path, xray, fmt, kwargs):
+    gray = np.round(xray * 255).astype(np.uint8)
+    path = tmp_path / f"a.{fmt.lower()}"
+    Image.fromarray(gray).save(path, fmt, **kwargs)
+    out = read_xray(path)
+    assert np.abs(out.pixels * 255 - gray).max() <= 1
+
+
+def test_cmyk_jpeg_decodes_to_grayscale(tmp_path, xray):
+    gray = np.round(xray * 255).astype(np.uint8)
+    path = tmp_path / "cmyk.jpg"
+    Image.fromarray(gray).convert("CMYK").save(path, "JPEG", quality=95)
+    out = read_xray(path)
+    assert np.corrcoef(out.pixels.ravel(), gray.ravel())[0, 1] > 0.98
+
+
+def test_animated_gif_uses_first_frame(tmp_path, xray):
+    gray = np.round(xray * 255).astype(np.uint8)
+    frames = [Image.fromarray(gray), Image.fromarray(255 - gray)]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    out = read_xray(path)
+    assert any("2 frames" in w for w in out.warnings)
+    assert np.corrcoef(out.pixels.ravel(), gray.ravel())[0, 1] > 0.95
+
+
+def test_dicom_errors_do_not_echo_tags(tmp_path):
+    path = write_dicom(tmp_path / "p.dcm", np.zeros((64, 64), np.uint16), pixels=False)
+    with pytest.raises(ImageInputError) as info:
+        read_xray(path)
+    assert "Test^Patient" not in str(info.value)

@@ -2,55 +2,19 @@
 
 from __future__ import annotations
 
-import csv
 import json
 
 import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 
 from cxr_demo.card import read_card
-from cxr_demo.labels import NIH14_LABELS
 from cxr_demo.models import sha256_file
 from cxr_demo.zoo import Zoo, ZooSource
 from training.data import align_labels, nih_records, patient_split
 from training.metrics import tune_thresholds
-from tests.helpers import synthetic_xray
-
-
-def make_fake_nih(root, n_train=48, n_test=16, size=96):
-    """An NIH-layout folder: labels table, official split lists, box list and PNG images."""
-    nih = root / "nih14"
-    (nih / "images").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    rows, train, test, boxes = [], [], [], []
-    for i in range(n_train + n_test):
-        patient = i // 2 + 1
-        name = f"{patient:08d}_{i % 2:03d}.png"
-        findings = [lab for lab in NIH14_LABELS if rng.random() < 0.3] or ["No Finding"]
-        img = synthetic_xray(size, seed=i)
-        if "Effusion" in findings:  # something learnable: a bright lower-left blob
-            img[size // 2 :, : size // 3] += 0.3
-        Image.fromarray(np.clip(img * 255, 0, 255).astype(np.uint8)).save(nih / "images" / name)
-        rows.append([name, "|".join(findings), 0, patient, 50, "M", "PA", 1024, 1024, 0.14, 0.14])
-        (test if i >= n_train else train).append(name)
-        if i >= n_train and findings != ["No Finding"]:
-            f = findings[0] if findings[0] != "Infiltration" else "Infiltrate"
-            boxes.append([name, f, 100, 200, 300, 250, "", "", ""])
-    with open(nih / "Data_Entry_2017_v2020.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
-                    "View Position", "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]"])
-        w.writerows(rows)
-    with open(nih / "BBox_List_2017.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["Image Index", "Finding Label", "Bbox [x", "y", "w", "h]", "", "", ""])
-        w.writerows(boxes)
-    (nih / "train_val_list.txt").write_text("\n".join(train) + "\n")
-    (nih / "test_list.txt").write_text("\n".join(test) + "\n")
-    return root
+from tests.helpers import make_fake_nih
 
 
 def test_align_labels_raises_on_mismatch():

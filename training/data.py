@@ -84,6 +84,32 @@ def nih_boxes(root: Path) -> dict[str, list[tuple[str, tuple[float, float, float
     return dict(out)
 
 
+NIH_BOX_FRAME = 1024.0
+
+
+def nih_box_pairs(records: list[Record], boxes_by_image: dict, labels: list[str]) -> list[dict]:
+    """One entry per (image, finding) with every official box of that finding, scaled from the 1024
+    frame to the image's own size (the pixel frame the app reports boxes in)."""
+    from PIL import Image
+
+    pairs = []
+    for i, rec in enumerate(records):
+        boxes = boxes_by_image.get(rec.path.name)
+        if not boxes:
+            continue
+        with Image.open(rec.path) as im:
+            width, height = im.size
+        sx, sy = width / NIH_BOX_FRAME, height / NIH_BOX_FRAME
+        by_finding: dict[str, list] = defaultdict(list)
+        for finding, (x, y, w, h) in boxes:
+            by_finding[finding].append((x * sx, y * sy, w * sx, h * sy))
+        for finding, truth in by_finding.items():
+            if finding in labels:
+                pairs.append({"index": i, "image": rec.path.name, "patient": rec.patient, "finding": finding,
+                              "truth": truth, "width": width, "height": height})
+    return pairs
+
+
 def patient_split(records: list[Record], val_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
     """Split records into train/validation so that no patient is in both."""
     groups = [r.patient for r in records]

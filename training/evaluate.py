@@ -13,22 +13,19 @@ import argparse
 import json
 import logging
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cxr_demo.card import EVAL_FILE, WEIGHTS_FILE, EvalMetrics, read_card, write_card
-from cxr_demo.explain import DEFAULT_BOX_THRESHOLD, DEFAULT_CAM_METHOD, best_match, compute_heatmap, heatmap_to_boxes, resize_heatmap
+from cxr_demo.explain import compute_heatmap, resize_heatmap
 from cxr_demo.models import load_weights
-from training.data import DEFAULT_DATA_ROOT, cached_pixels, nih_boxes, nih_records
+from training.data import DEFAULT_DATA_ROOT, cached_pixels, nih_box_pairs, nih_boxes, nih_records
 from training.metrics import bootstrap_auroc, operating_point_metrics, safe_auroc
 from training.train import predict_array
 
 log = logging.getLogger(__name__)
-
-NIH_BOX_FRAME = 1024.0
 
 
 def _roc_plot(Y: np.ndarray, P: np.ndarray, labels: list[str], aucs: list, path: Path, title: str) -> None:
@@ -52,66 +49,37 @@ def _roc_plot(Y: np.ndarray, P: np.ndarray, labels: list[str], aucs: list, path:
     plt.close(fig)
 
 
-def box_study(model, card, records, pixels, boxes_by_image, method: str, threshold: float) -> dict:
-    """IoU/IoBB of the heatmap box against every radiologist box of the evaluation images."""
+def box_study(model, card, records, pixels, boxes_by_image) -> dict:
+    """IoU/IoBB against every radiologist box of the evaluation images, with the settings the app uses
+    by default for this model (``explain_defaults`` from the localisation study, else Grad-CAM)."""
     from cxr_demo.inference import normalise_batch
+    from cxr_demo.service import DemoService
+    from training.localisation import per_finding, score_rule, summarise
 
-    rows = []
+    method, layer, rule = DemoService.resolve_explain_settings(card, "default", 0)
+    pairs = nih_box_pairs(records, boxes_by_image, card.label_names)
+    heats = []
     t0 = time.time()
-    n_cam = 0
-    for i, rec in enumerate(records):
-        boxes = boxes_by_image.get(rec.path.name)
-        if not boxes:
-            continue
-        from PIL import Image
-
-        with Image.open(rec.path) as im:
-            width, height = im.size
-        sx, sy = width / NIH_BOX_FRAME, height / NIH_BOX_FRAME
-        by_finding: dict[str, list] = defaultdict(list)
-        for finding, (x, y, w, h) in boxes:
-            by_finding[finding].append((x * sx, y * sy, w * sx, h * sy))
-        x_in = normalise_batch(torch.from_numpy(pixels[i : i + 1])[:, None], card)
-        for finding, truth in by_finding.items():
-            if finding not in card.label_names:
-                continue
-            heat = compute_heatmap(model, card, x_in, card.label_names.index(finding), method)
-            n_cam += 1
-            heat = resize_heatmap(heat, width, height)
-            pred = heatmap_to_boxes(heat, threshold, largest_only=True)
-            peak_y, peak_x = np.unravel_index(int(np.argmax(heat)), heat.shape)
-            for t in truth:
-                iou, iobb = best_match(pred, [t])
-                hit = t[0] <= peak_x <= t[0] + t[2] and t[1] <= peak_y <= t[1] + t[3]
-                rows.append({"image": rec.path.name, "finding": finding, "iou": iou or 0.0, "iobb": iobb or 0.0,
-                             "pointing_hit": bool(hit)})
+    for p in pairs:
+        x_in = normalise_batch(torch.from_numpy(pixels[p["index"] : p["index"] + 1])[:, None], card)
+        heat = compute_heatmap(model, card, x_in, card.label_names.index(p["finding"]), method, layer=layer)
+        heats.append(resize_heatmap(heat, p["width"], p["height"]))
     seconds = time.time() - t0
-
-    def summarise(rs: list[dict]) -> dict:
-        iou = np.array([r["iou"] for r in rs])
-        return {
-            "n_boxes": len(rs),
-            "mean_iou": float(iou.mean()),
-            "mean_iobb": float(np.mean([r["iobb"] for r in rs])),
-            "hit_rate_iou_0.1": float((iou > 0.1).mean()),
-            "hit_rate_iou_0.25": float((iou > 0.25).mean()),
-            "hit_rate_iou_0.5": float((iou > 0.5).mean()),
-            "pointing_game": float(np.mean([r["pointing_hit"] for r in rs])),
-        }
-
-    findings = sorted({r["finding"] for r in rows})
+    rows = score_rule(heats, pairs, rule)
+    note = ("settings chosen by the localisation study on a patient-disjoint half of these boxes; the held-out "
+            f"half's numbers are in {card.explain_defaults.source_file}") if card.explain_defaults else "fixed settings"
     return {
         "method": method,
-        "box_rule": f"largest connected region of heatmap >= {threshold} x max, bounding rectangle",
+        "layer": layer,
+        "box_rule": rule.describe(),
+        "settings": note,
         "overall": summarise(rows),
-        "mean_iou_over_findings": float(np.mean([summarise([r for r in rows if r["finding"] == f])["mean_iou"] for f in findings])),
-        "per_finding": {f: summarise([r for r in rows if r["finding"] == f]) for f in findings},
-        "seconds_per_heatmap": round(seconds / max(n_cam, 1), 4),
+        "per_finding": per_finding(rows),
+        "seconds_per_heatmap": round(seconds / max(len(pairs), 1), 4),
     }
 
 
-def evaluate_checkpoint(folder: Path, data_root: Path = DEFAULT_DATA_ROOT, n_boot: int = 1000,
-                        method: str = DEFAULT_CAM_METHOD, box_threshold: float = DEFAULT_BOX_THRESHOLD) -> dict:
+def evaluate_checkpoint(folder: Path, data_root: Path = DEFAULT_DATA_ROOT, n_boot: int = 1000) -> dict:
     """Evaluate ``folder`` on the official NIH test images present in ``data_root``; write eval.json."""
     folder = Path(folder)
     card = read_card(folder)
@@ -140,7 +108,7 @@ def evaluate_checkpoint(folder: Path, data_root: Path = DEFAULT_DATA_ROOT, n_boo
                 "f1": m["per_label_f1"][j]}
             for j, n in enumerate(card.label_names)
         }
-    boxes = box_study(model, card, records, pixels, nih_boxes(data_root / "nih14"), method, box_threshold)
+    boxes = box_study(model, card, records, pixels, nih_boxes(data_root / "nih14"))
     _roc_plot(Y, P, card.label_names, aucs, folder / "roc.png",
               f"{card.name}: NIH test images here (n={len(Y)}), macro AUROC {macro:.3f}")
     result = {

@@ -1,0 +1,74 @@
+"""The localisation study on a tiny model and a fake NIH layout; the app then uses its choice."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cxr_demo.card import read_card
+from cxr_demo.service import DemoService
+from cxr_demo.zoo import Zoo, ZooSource
+from tests.helpers import make_checkpoint, make_fake_nih
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    from training.localisation import main
+
+    tmp = tmp_path_factory.mktemp("loc")
+    data = make_fake_nih(tmp / "data", n_train=8, n_test=24, size=128)
+    folder = make_checkpoint(tmp / "ck", name="tiny", input_size=64)
+    out = tmp / "docs" / "localisation"
+    main([str(folder), "--data-root", str(data), "--out", str(out), "--perturbation-pairs", "1", "--max-cost", "50"])
+    return folder, json.loads((out / "tiny.json").read_text()), tmp / "docs"
+
+
+def test_halves_are_patient_disjoint_and_cover_every_box(study):
+    _, result, _ = study
+    h = result["halves"]
+    assert h["select"]["n_boxes"] + h["report"]["n_boxes"] == result["n_boxes"] > 0
+    assert result["chosen"]["report"]["n_boxes"] == h["report"]["n_boxes"]
+
+
+def test_every_method_and_metric_is_reported(study):
+    _, result, _ = study
+    keys = set(result["methods"])
+    assert {"gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "ablationcam"} <= keys
+    assert any("@" in k for k in keys)  # the higher-resolution layer variant
+    m = result["methods"]["gradcam"]
+    assert set(m["source_study_mask_iou"]["report"]) == {"0.1", "0.15", "0.25", "0.35", "0.45"}
+    for metric in ("mean_iou", "mean_iobb", "hit_rate_iou_0.1", "hit_rate_iou_0.25", "hit_rate_iou_0.5", "pointing_game"):
+        assert 0.0 <= m["report"][metric] <= 1.0
+    assert m["seconds_per_heatmap"] > 0 and result["forward_backward_seconds"] > 0
+    assert result["methods"]["ablationcam"]["subset"] is True
+    assert not result["methods"][result["chosen"]["key"]]["subset"]  # never chosen from a subset
+
+
+def test_choice_is_the_best_on_the_select_half(study):
+    _, result, _ = study
+    best = max((k for k, v in result["methods"].items() if not v["subset"]),
+               key=lambda k: result["methods"][k]["select"]["mean_iou_over_findings"])
+    assert result["chosen"]["key"] == best
+
+
+def test_card_and_app_use_the_chosen_defaults(study, tmp_path):
+    folder, result, docs = study
+    card = read_card(folder)
+    assert card.explain_defaults.method == result["chosen"]["method"]
+    assert card.explain_defaults.layer == result["chosen"]["layer"]
+    method, layer, rule = DemoService.resolve_explain_settings(card, "default", 0)
+    assert (method, layer, rule.__dict__) == (result["chosen"]["method"], result["chosen"]["layer"], result["chosen"]["rule"])
+    method, layer, rule = DemoService.resolve_explain_settings(card, "eigencam", 0.4)
+    assert (method, layer, rule.threshold, rule.regions) == ("eigencam", card.cam_target_layer, 0.4, "largest")
+    assert "Localisation study" in (docs / "LOCALISATION.md").read_text()
+    service = DemoService(Zoo(ZooSource(folder.parent)))
+    from tests.helpers import synthetic_xray
+    from PIL import Image
+    import numpy as np
+
+    img = tmp_path / "x.png"
+    Image.fromarray((synthetic_xray(128) * 255).astype(np.uint8)).save(img)
+    _, doc = service.explain(img, "tiny", "Effusion", "default", "10, 10, 50, 50")
+    assert doc["method"] == result["chosen"]["method"] and doc["layer"] == result["chosen"]["layer"]
+    assert 1 <= len(doc["predicted_boxes"]) <= 3 and len(doc["per_box"]) == 1
