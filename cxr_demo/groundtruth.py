@@ -48,6 +48,11 @@ def _read_box_csv(path: Path) -> dict[str, list[tuple[str, Box]]]:
     return dict(boxes)
 
 
+def boxed_image_names(path: Path) -> list[str]:
+    """Sorted names of the images that have at least one box in an NIH-format box list."""
+    return sorted(_read_box_csv(path))
+
+
 def nih_boxes_for(file_name: str, width: int, height: int, path: Path | None = None) -> list[tuple[str, Box]]:
     """Official boxes of an image, matched by its file name, scaled from the 1024 frame to the image."""
     path = path or bbox_csv_path()

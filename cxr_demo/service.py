@@ -83,7 +83,7 @@ class DemoService:
         """Probabilities, thresholds and flags for every finding of ``model_name``'s card."""
         card = self.zoo.card(model_name)
         op = self._operating_point(card, operating_point)
-        xray = self._read(path)
+        xray = self.read_upload(path)
         x = preprocess(xray.pixels, card)
         with self._model_lock:
             probs = predict_probabilities(self.zoo.model(card.name), card, x)[0]
@@ -96,7 +96,7 @@ class DemoService:
         return Prediction(doc, xray, card)
 
     @staticmethod
-    def _read(path: str | Path | None) -> XRay:
+    def read_upload(path: str | Path | None) -> XRay:
         if path is None or (isinstance(path, str) and not path.strip()):
             raise ImageInputError("No image was uploaded; please choose a PNG, JPEG or DICOM chest X-ray.")
         return read_xray(path)
@@ -127,7 +127,7 @@ class DemoService:
             raise ChoiceError(
                 f"{card.name} has no finding {str(finding)[:40]!r}; choose one of: {', '.join(card.label_names)}."
             )
-        xray = self._read(path)
+        xray = self.read_upload(path)
         x = preprocess(xray.pixels, card)
         warnings = list(xray.warnings)
         with self._model_lock:

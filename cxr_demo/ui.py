@@ -14,7 +14,7 @@ import gradio as gr
 from cxr_demo import INTENDED_USE
 from cxr_demo.card import OPERATING_POINT_HELP, ModelCard
 from cxr_demo.explain import CAM_LABELS, PRED_COLOUR, TRUTH_COLOUR
-from cxr_demo.groundtruth import DEFAULT_DATA, bbox_csv_path
+from cxr_demo.groundtruth import DEFAULT_DATA, bbox_csv_path, boxed_image_names
 from cxr_demo.service import USER_ERRORS, DemoService
 from cxr_demo.zoo import Zoo
 
@@ -35,9 +35,7 @@ def default_examples(folder: str | Path | None = None) -> list[str]:
     csv_path = bbox_csv_path()
     if not images.is_dir() or csv_path is None:
         return []
-    from cxr_demo.groundtruth import _read_box_csv
-
-    boxed = [images / n for n in sorted(_read_box_csv(csv_path)) if (images / n).is_file()]
+    boxed = [images / n for n in boxed_image_names(csv_path) if (images / n).is_file()]
     test = set((DEFAULT_DATA / "nih14" / "test_list.txt").read_text().split()) if (DEFAULT_DATA / "nih14" / "test_list.txt").is_file() else set()
     boxed_names = {p.name for p in boxed}
     unboxed = [images / n for n in sorted(test) if n not in boxed_names and (images / n).is_file()]
@@ -155,7 +153,7 @@ def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.
         if not path:
             return None, gr.update(), ""
         try:
-            xray = service._read(path)
+            xray = service.read_upload(path)
         except USER_ERRORS as e:
             raise _error(e) from e
         boxed = service.boxed_findings(path, xray.width, xray.height)

@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> Path:
         data_source=task.data_source,
         init=init_text,
         training={
-            "command": "python -m training.train " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+            "command": "python -m training.train " + " ".join(argv if argv is not None else sys.argv[1:]),
             "n_train": len(train), "n_val": len(val), "val_patients": len({r.patient for r in val}),
             "val_positives": n_val_pos, "best_epoch": best[1], "val_macro_auroc": best[0],
             "epochs_run": epoch + 1, "loss": args.loss, "optimizer": "AdamW", "lr": args.lr,
