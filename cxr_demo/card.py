@@ -63,6 +63,17 @@ class ExplainDefaults(BaseModel):
     source_file: str = Field(description="study result the choice comes from, relative to the project root")
 
 
+class OODInfo(BaseModel):
+    """The model's out-of-distribution check (``training.ood``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    threshold: float
+    source_file: str = Field(description="measurement the threshold's rates come from, relative to the project root")
+
+
 class ModelCard(BaseModel):
     """Everything needed to use one checkpoint, as stored in ``config.json``."""
 
@@ -93,6 +104,7 @@ class ModelCard(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
     eval_metrics: EvalMetrics | None = None
     explain_defaults: ExplainDefaults | None = None
+    ood: OODInfo | None = None
     license: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from cxr_demo.card import OPERATING_POINTS, ModelCard
 from cxr_demo.explain import (
@@ -28,12 +29,15 @@ from cxr_demo.explain import (
 )
 from cxr_demo.groundtruth import BoxInputError, nih_boxes_for, parse_boxes
 from cxr_demo.images import ImageInputError, XRay, read_xray
-from cxr_demo.inference import findings_table, predict_probabilities, preprocess
+from cxr_demo.inference import findings_table, logits_to_probabilities, predict_probabilities, preprocess
+from cxr_demo.ood import features_and_logits
 from cxr_demo.zoo import UnknownModelError, Zoo
 
 log = logging.getLogger(__name__)
 
 LOW_PROBABILITY = 0.2
+OOD_WARNING = ("This image looks unlike the chest X-rays this model was trained on (out-of-distribution check); "
+               "its findings may be meaningless.")
 MAX_BOXES = 3
 
 
@@ -85,13 +89,20 @@ class DemoService:
         op = self._operating_point(card, operating_point)
         xray = self.read_upload(path)
         x = preprocess(xray.pixels, card)
+        warnings = list(xray.warnings)
         with self._model_lock:
-            probs = predict_probabilities(self.zoo.model(card.name), card, x)[0]
+            model = self.zoo.model(card.name)
+            detector = self.zoo.ood(card.name)
+            with torch.inference_mode():
+                features, logits = features_and_logits(model, x)  # one pass: findings and the OOD check
+        probs = logits_to_probabilities(logits, card.task_kind)[0].float().numpy()
+        if detector is not None and bool(detector.is_outlier(features.float().numpy())[0]):
+            warnings.append(OOD_WARNING)
         doc = {
             "model": card.name,
             "operating_point": op,
             "findings": findings_table(card, probs, op),
-            "warnings": list(xray.warnings),
+            "warnings": warnings,
         }
         return Prediction(doc, xray, card)
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from cxr_demo.card import CARD_FILE, EVAL_FILE, WEIGHTS_FILE, CardError, ModelCard, read_card
-from cxr_demo.models import load_weights
+from cxr_demo.models import WeightsError, load_weights, sha256_file
+from cxr_demo.ood import OODDetector
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class Zoo:
         self.max_loaded = max_loaded or int(os.environ.get("CXR_DEMO_MAX_LOADED_MODELS", DEFAULT_MAX_LOADED))
         self._lock = threading.Lock()
         self._loaded: OrderedDict[str, torch.nn.Module] = OrderedDict()
+        self._ood: dict[str, OODDetector] = {}
         self.cards: dict[str, ModelCard] = {}
         self.folders: dict[str, Path] = {}
         self.problems: dict[str, str] = {}
@@ -138,6 +140,27 @@ class Zoo:
                 dropped, _ = self._loaded.popitem(last=False)
                 log.info("zoo: unloaded %s (cache holds %d)", dropped, self.max_loaded)
         return model
+
+    def ood(self, name: str) -> OODDetector | None:
+        """The model's out-of-distribution detector (sha256-checked), or None if its card has none."""
+        card = self.card(name)
+        if card.ood is None:
+            return None
+        with self._lock:
+            if name in self._ood:
+                return self._ood[name]
+        if self.source.hub_repo:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(self.source.hub_repo, f"{card.name}/{card.ood.file}", revision=self.source.hub_revision))
+        else:
+            path = self.folders[name] / card.ood.file
+        if sha256_file(path) != card.ood.sha256:
+            raise WeightsError(f"the out-of-distribution file of {card.name!r} does not match the sha256 in its card")
+        detector = OODDetector.load(path)
+        with self._lock:
+            self._ood[name] = detector
+        return detector
 
     @property
     def loaded(self) -> list[str]:

@@ -19,7 +19,7 @@ from cxr_demo.models import WeightsError, sha256_file
 
 log = logging.getLogger(__name__)
 
-PUBLISHED_FILES = [CARD_FILE, WEIGHTS_FILE, EVAL_FILE, "roc.png", "train_log.jsonl"]
+PUBLISHED_FILES = [CARD_FILE, WEIGHTS_FILE, EVAL_FILE, "roc.png", "train_log.jsonl", "ood.safetensors"]
 
 
 def push_to_hub(folder: Path, repo_id: str, revision: str | None = None, token: str | None = None,

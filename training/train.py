@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> Path:
         init=init_text,
         training={
             "command": "python -m training.train " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "n_train": len(train), "n_val": len(val), "val_patients": len({r.patient for r in val}),
+            "n_train": len(train), "n_val": len(val), "val_fraction": args.val_fraction, "val_patients": len({r.patient for r in val}),
             "val_positives": n_val_pos, "best_epoch": best[1], "val_macro_auroc": best[0],
             "epochs_run": epoch + 1, "loss": args.loss, "optimizer": "AdamW", "lr": args.lr,
             "weight_decay": args.weight_decay, "drop_rate": args.drop_rate, "batch_size": args.batch_size,
