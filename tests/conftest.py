@@ -37,3 +37,17 @@ def live_app():
                             **launch_kwargs())
     yield url
     demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(live_app):
+    """A gradio_client for the live app."""
+    from gradio_client import Client
+
+    return Client(live_app, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def model_name(client):
+    """The first zoo model, as /models lists it."""
+    return client.predict(api_name="/models")[0]["name"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +85,16 @@ def make_fake_nih(root, n_train=48, n_test=16, size=96):
     (nih / "train_val_list.txt").write_text("\n".join(train) + "\n")
     (nih / "test_list.txt").write_text("\n".join(test) + "\n")
     return root
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk with its length and CRC."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_declaring(width: int, height: int, idat: bytes = b"") -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` 8-bit gray pixels, with ``idat`` as its data
+    (a decompression-bomb shape when the size is huge and the data tiny)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    data = png_chunk(b"IDAT", idat) if idat else b""
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + data + png_chunk(b"IEND", b"")

@@ -3,28 +3,17 @@
 from __future__ import annotations
 
 import io
-import struct
 import zlib
 
 import numpy as np
 import pytest
-from gradio_client import Client, handle_file
+from gradio_client import handle_file
 from PIL import Image
 
-from tests.helpers import NIH, synthetic_xray
+from tests.helpers import NIH, png_declaring, synthetic_xray
 
 BOXED = NIH / "images" / "00013118_008.png"  # official box: Atelectasis
 needs_nih = pytest.mark.skipif(not BOXED.is_file(), reason="../shared/data/nih14 is not present")
-
-
-@pytest.fixture(scope="module")
-def client(live_app):
-    return Client(live_app, verbose=False)
-
-
-@pytest.fixture(scope="module")
-def model_name(client):
-    return client.predict(api_name="/models")[0]["name"]
 
 
 def test_models_lists_the_zoo(client):
@@ -101,20 +90,12 @@ def _png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _huge_png_header() -> bytes:
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b""))
-
-
 BAD = {
     "empty.png": (b"", "empty"),
     "text.png": (b"hello, I am not an image\n", "not an image"),
     "truncated.png": (_png_bytes(Image.fromarray((synthetic_xray(128) * 255).astype(np.uint8)))[:3000], "damaged"),
     "one.png": (_png_bytes(Image.new("L", (1, 1))), "too small"),
-    "huge.png": (_huge_png_header(), "too large"),
+    "huge.png": (png_declaring(30000, 30000, zlib.compress(b"\x00" * 100)), "too large"),
 }
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
 import zlib
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 from PIL import Image
 
 from cxr_demo.images import ImageInputError, read_xray
-from tests.helpers import synthetic_xray
+from tests.helpers import png_declaring, synthetic_xray
 
 
 def _save(img: Image.Image, path: Path, **kw) -> Path:
@@ -165,7 +164,7 @@ def test_bad_inputs_get_a_sentence(tmp_path, xray, case, message):
     elif case == "tiny.png":
         Image.new("L", (1, 1), 128).save(path)
     elif case == "huge.png":
-        path.write_bytes(_png_header_only(30000, 30000))
+        path.write_bytes(png_declaring(30000, 30000, zlib.compress(b"\x00" * 1000)))
     elif case == "strip.png":
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (4000, 100), dtype=np.uint8)).save(path)
     elif case == "flat.png":
@@ -179,14 +178,6 @@ def test_bad_inputs_get_a_sentence(tmp_path, xray, case, message):
     text = str(info.value)
     assert text.endswith(".") and str(tmp_path) not in text  # a sentence, no server paths
 
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A tiny PNG that declares a huge size (a decompression-bomb shape) without its pixels."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + chunk(b"IEND", b"")
 
 
 @pytest.mark.parametrize("case, message", [
