@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from cxr_demo.card import ModelCard
+from cxr_demo.small_cnn import LOCAL_ARCHITECTURES
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +23,8 @@ CAM_TARGET_LAYERS: dict[str, str] = {
     "densenet": "features.-1",
     "efficientnet": "bn2",
     "tf_efficientnet": "bn2",
-    "mobilenetv3": "bn2",
-    "tf_mobilenetv3": "bn2",
+    "mobilenetv3": "blocks.-1",  # conv_head runs after global pooling in MobileNetV3
+    "tf_mobilenetv3": "blocks.-1",
     "convnext": "stages.-1",
     "swin": "layers.-1.blocks.-1.norm1",
     "vit": "blocks.-1.norm1",
@@ -33,6 +34,7 @@ CAM_TARGET_LAYERS: dict[str, str] = {
     "test_efficientnet": "bn2",
     "test_vit": "blocks.-1.norm1",
     "test_convnext": "stages.-1",
+    "cxr_small_cnn": "features.-1",
 }
 
 
@@ -77,9 +79,11 @@ def reshape_for(model: torch.nn.Module, architecture: str) -> Callable[[torch.Te
 
 
 def create_model(card: ModelCard) -> torch.nn.Module:
-    """An untrained timm model with the card's architecture, channels and head size."""
+    """An untrained model (timm, or one of ours in LOCAL_ARCHITECTURES) with the card's architecture, channels and head size."""
     args = dict(card.model_args)
     args.setdefault("in_chans", 1)
+    if card.architecture in LOCAL_ARCHITECTURES:
+        return LOCAL_ARCHITECTURES[card.architecture](num_classes=card.num_classes, **args)
     return timm.create_model(card.architecture, pretrained=False, num_classes=card.num_classes, **args)
 
 

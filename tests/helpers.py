@@ -98,3 +98,26 @@ def png_declaring(width: int, height: int, idat: bytes = b"") -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     data = png_chunk(b"IDAT", idat) if idat else b""
     return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + data + png_chunk(b"IEND", b"")
+
+
+def make_fake_kermany_covid(root, per_class=8, size=64):
+    """Kermany (``train``/``test`` x ``NORMAL``/``PNEUMONIA``, bacterial and viral by file name) and
+    COVID-19 (``COVID``/``Normal``) folders of synthetic JPEGs with a learnable difference per class."""
+    rng = np.random.default_rng(1)
+
+    def save(path, brighten):
+        img = synthetic_xray(size, seed=int(rng.integers(1 << 30))) + brighten
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(img * 255, 0, 255).astype(np.uint8)).save(path)
+
+    for split in ("train", "test"):
+        n = per_class if split == "train" else per_class // 2
+        offset = 0 if split == "train" else 500
+        for i in range(n):
+            save(root / "kermany" / split / "NORMAL" / f"IM-{offset + i:04d}-0001.jpeg", 0.0)
+            save(root / "kermany" / split / "PNEUMONIA" / f"person{offset + i}_bacteria_{i}.jpeg", 0.25)
+            save(root / "kermany" / split / "PNEUMONIA" / f"person{offset + 100 + i}_virus_{i}.jpeg", -0.2)
+    for i in range(per_class):
+        save(root / "covid19" / "COVID" / f"COVID-{i}.jpg", 0.3)
+        save(root / "covid19" / "Normal" / f"Normal-{i}.jpg", 0.0)
+    return root

@@ -142,3 +142,119 @@ def cached_pixels(
     np.save(tmp, arr)
     tmp.replace(path)
     return arr
+
+
+# --- paediatric pneumonia (Kermany et al. 2018) -------------------------------------------------
+
+KERMANY_LABELS = {
+    "kermany2": ["Normal", "Pneumonia"],
+    "kermany3": ["Normal", "Bacterial pneumonia", "Viral pneumonia"],
+}
+
+
+def kermany_patient(name: str) -> str:
+    """Patient id from a Kermany file name: ``person123_bacteria_4.jpeg`` -> ``person123``,
+    ``IM-0115-0001.jpeg`` -> ``IM-0115``, ``NORMAL2-IM-0012-0001.jpeg`` -> ``NORMAL2-IM-0012``."""
+    stem = Path(name).stem
+    if stem.startswith("person"):
+        return stem.split("_")[0]
+    return stem.rsplit("-", 1)[0]
+
+
+def kermany_class(name: str, folder: str) -> str:
+    """``Normal``, ``Bacterial pneumonia`` or ``Viral pneumonia`` from the folder and the file name."""
+    if folder == "NORMAL":
+        return "Normal"
+    lowered = name.lower()
+    if "virus" in lowered:
+        return "Viral pneumonia"
+    if "bacteria" in lowered:
+        return "Bacterial pneumonia"
+    raise ValueError(f"{name}: a PNEUMONIA image whose name says neither bacteria nor virus")
+
+
+def _one_hot(label: str, labels: list[str]) -> np.ndarray:
+    y = np.zeros(len(labels), dtype=np.float32)
+    y[labels.index(label)] = 1.0
+    return y
+
+
+def kermany_records(root: Path, task: str) -> list[Record]:
+    """Kermany ``train``/``test`` folders as records (split ``train_val`` / ``test``) for ``kermany2`` or
+    ``kermany3``."""
+    labels = KERMANY_LABELS[task]
+    records = []
+    for split_dir, split in (("train", "train_val"), ("test", "test")):
+        for folder in ("NORMAL", "PNEUMONIA"):
+            for path in sorted((Path(root) / split_dir / folder).glob("*.jpeg")):
+                cls = kermany_class(path.name, folder)
+                if task == "kermany2":
+                    cls = "Normal" if cls == "Normal" else "Pneumonia"
+                records.append(Record(path, _one_hot(cls, labels), f"kermany:{kermany_patient(path.name)}", split))
+    log.info("Kermany (%s): %d images (%d test)", task, len(records), sum(r.split == "test" for r in records))
+    return records
+
+
+# --- COVID-19 / normal / viral pneumonia --------------------------------------------------------
+
+COVID_LABELS = ["COVID-19", "Normal", "Viral pneumonia"]
+
+
+def covid_records(covid_root: Path, kermany_root: Path, test_fraction: float = 0.2, seed: int = 0) -> list[Record]:
+    """COVID-19 Radiography Database COVID and Normal images plus Kermany viral pneumonia, as in the
+    source study. The database has no patient ids or official split: each image is its own group and
+    a seeded ``test_fraction`` is held out as ``test``; Kermany viral images keep Kermany's own split."""
+    records = []
+    for folder, cls in (("COVID", "COVID-19"), ("Normal", "Normal")):
+        paths = sorted((Path(covid_root) / folder).glob("*.jpg"))
+        rng = np.random.default_rng(seed)
+        test_idx = set(rng.choice(len(paths), int(round(test_fraction * len(paths))), replace=False).tolist())
+        for i, path in enumerate(paths):
+            records.append(Record(path, _one_hot(cls, COVID_LABELS), f"covid:{path.stem}",
+                                  "test" if i in test_idx else "train_val"))
+    for r in kermany_records(kermany_root, "kermany3"):
+        if r.labels[KERMANY_LABELS["kermany3"].index("Viral pneumonia")]:
+            records.append(Record(r.path, _one_hot("Viral pneumonia", COVID_LABELS), r.patient, r.split))
+    log.info("COVID-19 task: %d images (%d test)", len(records), sum(r.split == "test" for r in records))
+    return records
+
+
+# --- CheXpert-style CSV ---------------------------------------------------------------------------
+
+UNCERTAIN_POLICIES = ("zeros", "ones", "ignore")
+
+
+def chexpert_records(csv_path: Path, labels: list[str], uncertain: str = "zeros",
+                     image_root: Path | None = None) -> list[Record]:
+    """Records from a CheXpert-style CSV (``Path`` column, one column per finding with 1 / 0 / -1 /
+    blank). Uncertain (-1) labels become 0 (``zeros``, U-Zeros), 1 (``ones``, U-Ones) or NaN
+    (``ignore``: masked out of the loss); blank means not mentioned, i.e. 0. The patient id is the
+    ``patientNNNNN`` path component. Every record is ``train_val``: CheXpert's own test set is separate.
+
+    Raises:
+        ValueError: a finding of ``labels`` has no column, or an unknown policy / label value.
+    """
+    if uncertain not in UNCERTAIN_POLICIES:
+        raise ValueError(f"uncertain must be one of {UNCERTAIN_POLICIES}, not {uncertain!r}")
+    csv_path = Path(csv_path)
+    image_root = Path(image_root) if image_root else csv_path.parent
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [lab for lab in labels if lab not in (reader.fieldnames or [])]
+        if missing or "Path" not in (reader.fieldnames or []):
+            raise ValueError(f"{csv_path}: no column for {missing or ['Path']}")
+        records = []
+        for row in reader:
+            y = np.zeros(len(labels), dtype=np.float32)
+            for j, lab in enumerate(labels):
+                raw = row[lab].strip()
+                value = float(raw) if raw else 0.0
+                if value == -1.0:
+                    value = {"zeros": 0.0, "ones": 1.0, "ignore": np.nan}[uncertain]
+                elif value not in (0.0, 1.0):
+                    raise ValueError(f"{csv_path}: {row['Path']} has {lab}={raw!r}; expected 1, 0, -1 or blank")
+                y[j] = value
+            parts = Path(row["Path"]).parts
+            patient = next((p for p in parts if p.startswith("patient")), row["Path"])
+            records.append(Record(image_root / row["Path"], y, f"chexpert:{patient}", "train_val"))
+    return records

@@ -1,10 +1,11 @@
-"""Evaluate a checkpoint folder on the official NIH test images and write ``eval.json``.
+"""Evaluate a checkpoint folder on its task's test images and write ``eval.json``.
 
     python -m training.evaluate checkpoints/nih14-efficientnet-lite0
 
 Writes ``eval.json`` (per-finding AUROC with bootstrap 95% CI and positive counts, macro AUROC,
-precision/recall/F1 and exact match at each operating point, box IoU/IoBB over every radiologist box of
-the evaluation images) and ``roc.png`` beside the card, then copies the headline numbers into the card.
+precision/recall/F1 and exact match at each operating point; for NIH, box IoU/IoBB over every
+radiologist box of the evaluation images; for multi-class tasks, accuracy and the confusion matrix)
+and ``roc.png`` beside the card, then copies the headline numbers into the card.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 from cxr_demo.card import EVAL_FILE, WEIGHTS_FILE, EvalMetrics, read_card, write_card
 from cxr_demo.explain import compute_heatmap, resize_heatmap
 from cxr_demo.models import load_weights
-from training.data import DEFAULT_DATA_ROOT, cached_pixels, nih_box_pairs, nih_boxes, nih_records
+from training.data import DEFAULT_DATA_ROOT, cached_pixels, nih_box_pairs, nih_boxes
+from training.tasks import load_task
 from training.metrics import bootstrap_auroc, operating_point_metrics, safe_auroc
 from training.train import predict_array
 
@@ -80,13 +82,17 @@ def box_study(model, card, records, pixels, boxes_by_image) -> dict:
 
 
 def evaluate_checkpoint(folder: Path, data_root: Path = DEFAULT_DATA_ROOT, n_boot: int = 1000) -> dict:
-    """Evaluate ``folder`` on the official NIH test images present in ``data_root``; write eval.json."""
+    """Evaluate ``folder`` on its task's test images in ``data_root`` (for NIH, the official test list);
+    write eval.json."""
     folder = Path(folder)
     card = read_card(folder)
-    if card.task != "nih14":
-        raise ValueError(f"{card.name}: only nih14 evaluation is implemented, not {card.task!r}")
+    task = load_task(card.task, data_root)
+    if task.label_names != card.label_names:
+        raise ValueError(f"{card.name}: card labels {card.label_names} differ from task {card.task}'s {task.label_names}")
+    records = task.test
+    if not records:
+        raise ValueError(f"{card.name}: task {card.task} has no test images under {data_root}")
     model = load_weights(card, folder / WEIGHTS_FILE)
-    records = [r for r in nih_records(data_root / "nih14", card.label_names) if r.split == "test"]
     pixels = cached_pixels(records, card.input_size, card.crop)
     Y = np.stack([r.labels for r in records])
     P = predict_array(model, pixels, card.mean, card.std, card.task_kind)
@@ -100,23 +106,28 @@ def evaluate_checkpoint(folder: Path, data_root: Path = DEFAULT_DATA_ROOT, n_boo
     }
     ops = {}
     for op in card.operating_points:
-        thr = np.array([card.threshold(op, n) for n in card.label_names])
-        m = operating_point_metrics(Y, P, thr)
+        if op == "argmax":  # multi-class: the top class is the prediction
+            thr = np.full(len(card.label_names), 0.5)
+            m = operating_point_metrics(Y, np.eye(len(card.label_names))[P.argmax(1)], thr)
+        else:
+            thr = np.array([card.threshold(op, n) for n in card.label_names])
+            m = operating_point_metrics(Y, P, thr)
         ops[op] = {k: v for k, v in m.items() if not k.startswith("per_label")}
         ops[op]["per_label"] = {
-            n: {"threshold": float(thr[j]), "precision": m["per_label_precision"][j], "recall": m["per_label_recall"][j],
+            n: {"threshold": float(thr[j]) if op != "argmax" else None, "precision": m["per_label_precision"][j], "recall": m["per_label_recall"][j],
                 "f1": m["per_label_f1"][j]}
             for j, n in enumerate(card.label_names)
         }
-    boxes = box_study(model, card, records, pixels, nih_boxes(data_root / "nih14"))
+    boxes = box_study(model, card, records, pixels, nih_boxes(data_root / "nih14")) if card.task == "nih14" else None
     _roc_plot(Y, P, card.label_names, aucs, folder / "roc.png",
-              f"{card.name}: NIH test images here (n={len(Y)}), macro AUROC {macro:.3f}")
+              f"{card.name}: {card.task} test images (n={len(Y)}), macro AUROC {macro:.3f}")
+    caution = ("These test images are a biased sample (collected for their boxes; almost no 'No Finding'); "
+               "not the official benchmark. " if card.task == "nih14" else "")
     result = {
         "model": card.name,
         "weights_sha256": card.sha256,
-        "dataset": "NIH ChestX-ray14 official test list, images present in ../shared/data/nih14/images",
-        "caution": "These test images are a biased sample (collected for their boxes; almost no 'No Finding'); "
-                   "not the official benchmark. Thresholds were tuned on validation images only.",
+        "dataset": task.test_description,
+        "caution": caution + "Thresholds were tuned on validation images only.",
         "n_images": len(Y),
         "n_patients": len({r.patient for r in records}),
         "macro_auroc": macro,
@@ -127,18 +138,26 @@ def evaluate_checkpoint(folder: Path, data_root: Path = DEFAULT_DATA_ROOT, n_boo
         "localisation": boxes,
         "command": f"python -m training.evaluate {folder}",
     }
+    if card.task_kind == "multiclass":
+        from sklearn.metrics import confusion_matrix
+
+        truth, guess = Y.argmax(1), P.argmax(1)
+        result["accuracy"] = float((truth == guess).mean())
+        result["confusion_matrix"] = {"rows_true_columns_predicted": card.label_names,
+                                      "counts": confusion_matrix(truth, guess, labels=range(len(card.label_names))).tolist()}
     (folder / EVAL_FILE).write_text(json.dumps(result, indent=2) + "\n")
     card.eval_metrics = EvalMetrics(
-        source_file=EVAL_FILE, dataset="NIH14 official test images here", n_images=len(Y), macro_auroc=macro,
+        source_file=EVAL_FILE, dataset="NIH14 official test images here" if card.task == "nih14" else task.test_description,
+        n_images=len(Y), macro_auroc=macro,
         macro_auroc_ci95=macro_ci, per_label_auroc={n: a for n, a in zip(card.label_names, aucs) if a is not None},
-        mean_box_iou=boxes["overall"]["mean_iou"], n_boxes=boxes["overall"]["n_boxes"],
+        mean_box_iou=boxes["overall"]["mean_iou"] if boxes else None, n_boxes=boxes["overall"]["n_boxes"] if boxes else None,
     )
     head, sep, _ = card.summary.rpartition(" | val macro AUROC")
     base = head if sep else card.summary.split(" | test macro AUROC")[0]
     card.summary = f"{base} | test macro AUROC {macro:.3f} (n={len(Y)})"
     write_card(card, folder)
-    log.info("%s: macro AUROC %.3f %s, mean box IoU %.3f over %d boxes", card.name, macro, macro_ci,
-             boxes["overall"]["mean_iou"], boxes["overall"]["n_boxes"])
+    log.info("%s: macro AUROC %.3f %s%s", card.name, macro, macro_ci,
+             f", mean box IoU {boxes['overall']['mean_iou']:.3f} over {boxes['overall']['n_boxes']} boxes" if boxes else "")
     return result
 
 

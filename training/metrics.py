@@ -8,14 +8,15 @@ from sklearn.metrics import precision_recall_fscore_support, roc_auc_score, roc_
 
 def safe_auroc(y: np.ndarray, p: np.ndarray) -> float | None:
     """AUROC, or ``None`` when only one class is present."""
-    if y.min() == y.max():
+    if len(y) == 0 or y.min() == y.max():
         return None
     return float(roc_auc_score(y, p))
 
 
 def macro_auroc(Y: np.ndarray, P: np.ndarray) -> float | None:
-    """Mean AUROC over the labels that have both classes."""
-    vals = [a for j in range(Y.shape[1]) if (a := safe_auroc(Y[:, j], P[:, j])) is not None]
+    """Mean AUROC over the labels that have both classes; NaN labels (unknown) are left out per label."""
+    known = ~np.isnan(Y)
+    vals = [a for j in range(Y.shape[1]) if (a := safe_auroc(Y[known[:, j], j], P[known[:, j], j])) is not None]
     return float(np.mean(vals)) if vals else None
 
 

