@@ -34,6 +34,7 @@ class XRay:
     pixels: np.ndarray
     source_format: str
     warnings: list[str] = field(default_factory=list)
+    name: str = ""  # the uploaded file's name (used to look up NIH boxes), never its server path
 
     @property
     def height(self) -> int:
@@ -195,9 +196,9 @@ def read_xray(path: str | Path) -> XRay:
         )
     with open(path, "rb") as f:
         head = f.read(132)
-    if _is_dicom(head, path):
-        return _read_dicom(path)
-    return _read_pillow(path)
+    xray = _read_dicom(path) if _is_dicom(head, path) else _read_pillow(path)
+    xray.name = path.name
+    return xray
 
 
 def resize_gray(pixels: np.ndarray, size: int, crop: tuple[float, float, float, float] | None = None) -> np.ndarray:

@@ -69,8 +69,8 @@ class DemoService:
         self._model_lock = threading.RLock()
 
     def models(self) -> list[dict[str, Any]]:
-        """Zoo entries for the ``/models`` endpoint."""
-        return [card.summary_entry() for card in self.zoo.cards.values()]
+        """Zoo entries for the ``/models`` endpoint, the default model first."""
+        return [self.zoo.cards[name].summary_entry() for name in self.zoo.names]
 
     def _operating_point(self, card: ModelCard, operating_point: str | None) -> str:
         ops = card.operating_points
@@ -83,8 +83,9 @@ class DemoService:
             )
         return op
 
-    def predict(self, path: str | Path | None, model_name: str, operating_point: str | None = None) -> Prediction:
-        """Probabilities, thresholds and flags for every finding of ``model_name``'s card."""
+    def predict(self, path: str | Path | XRay | None, model_name: str, operating_point: str | None = None) -> Prediction:
+        """Probabilities, thresholds and flags for every finding of ``model_name``'s card (``path``: a file,
+        or an image already decoded by :meth:`read_upload`)."""
         card = self.zoo.card(model_name)
         op = self._operating_point(card, operating_point)
         xray = self.read_upload(path)
@@ -107,14 +108,17 @@ class DemoService:
         return Prediction(doc, xray, card)
 
     @staticmethod
-    def read_upload(path: str | Path | None) -> XRay:
+    def read_upload(path: str | Path | XRay | None) -> XRay:
+        """Decode an upload (an :class:`XRay` passes through)."""
+        if isinstance(path, XRay):
+            return path
         if path is None or (isinstance(path, str) and not path.strip()):
             raise ImageInputError("No image was uploaded; please choose a PNG, JPEG or DICOM chest X-ray.")
         return read_xray(path)
 
     def explain(
         self,
-        path: str | Path | None,
+        path: str | Path | XRay | None,
         model_name: str,
         finding: str | None = None,
         method: str | None = None,
@@ -155,7 +159,7 @@ class DemoService:
         if typed:
             truth, source = typed, "typed by user"
         else:
-            nih = nih_boxes_for(Path(str(path)).name, xray.width, xray.height)
+            nih = nih_boxes_for(xray.name, xray.width, xray.height)
             truth = [b for f, b in nih if f == finding]
             if truth:
                 source = "NIH BBox_List_2017.csv"
@@ -220,11 +224,12 @@ class DemoService:
                               "heatmap's maximum.")
         return method, layer, BoxRule(float(box_threshold), "relative", "largest", "rect")
 
-    def boxed_findings(self, path: str | Path | None, width: int, height: int) -> list[str]:
+    def boxed_findings(self, path: str | Path | XRay | None, width: int, height: int) -> list[str]:
         """Findings the NIH box list has for this file name (for pre-selecting one in the UI)."""
         if not path:
             return []
-        return sorted({f for f, _ in nih_boxes_for(Path(str(path)).name, width, height)})
+        name = path.name if isinstance(path, XRay) else Path(str(path)).name
+        return sorted({f for f, _ in nih_boxes_for(name, width, height)})
 
 
 __all__ = ["DemoService", "Prediction", "USER_ERRORS", "OPERATING_POINTS"]

@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
 from cxr_demo import INTENDED_USE
 from cxr_demo.card import OPERATING_POINT_HELP, ModelCard
 from cxr_demo.explain import CAM_LABELS, PRED_COLOUR, TRUTH_COLOUR
 from cxr_demo.groundtruth import DEFAULT_DATA, bbox_csv_path, boxed_image_names
+from cxr_demo.images import XRay
 from cxr_demo.service import USER_ERRORS, DemoService
 from cxr_demo.zoo import Zoo
 
@@ -45,6 +47,49 @@ def default_examples(folder: str | Path | None = None) -> list[str]:
 
 def _error(e: Exception) -> gr.Error:
     return gr.Error(str(e), title="Cannot analyse this input")
+
+
+class UploadStore:
+    """Takes uploads out of Gradio's cache as soon as they are decoded, so no radiograph stays on disk.
+
+    The decoded image lives on in the browser session's ``gr.State`` (the UI's predict, explain and
+    compare reuse it); an API call decodes its own upload and leaves nothing behind. Only files inside
+    Gradio's upload folder are deleted, never an example image's cached copy (clicking the example
+    again must work).
+    """
+
+    def __init__(self, service: DemoService, example_names: set[str]) -> None:
+        self.service = service
+        self.example_names = example_names
+
+    def discard(self, path: str | None) -> None:
+        """Delete an uploaded file (and its per-upload folder when empty) from Gradio's cache."""
+        if not path:
+            return
+        p = Path(path).resolve()
+        cache = Path(get_upload_folder()).resolve()
+        if cache not in p.parents or p.name in self.example_names:
+            return
+        p.unlink(missing_ok=True)
+        try:
+            p.parent.rmdir()  # Gradio puts each upload in a folder named by its hash
+        except OSError:
+            pass  # not empty or already gone
+
+    def take(self, path: str | None, state: XRay | None) -> XRay:
+        """The image to analyse: a fresh upload (decoded, then deleted), else the session's decoded one.
+
+        Raises:
+            ImageInputError: nothing uploaded, or the file is not a readable chest X-ray.
+        """
+        if path and Path(path).is_file():
+            try:
+                return self.service.read_upload(path)
+            finally:
+                self.discard(path)
+        if state is not None and (not path or Path(path).name == state.name):
+            return state
+        return self.service.read_upload(path)  # raises the sentence for a missing upload
 
 
 def findings_html(doc: dict[str, Any]) -> str:
@@ -136,6 +181,7 @@ def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.
     names = zoo.names
     default_model = names[0] if names else None
     examples = default_examples() if examples is None else examples
+    store = UploadStore(service, {Path(p).name for p in examples})
 
     def model_info(name: str | None):
         if not name or name not in zoo.cards:
@@ -149,14 +195,14 @@ def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.
             card_markdown(card, zoo.folders[name] / "eval.json"),
         )
 
-    def on_upload(path: str | None, model_name: str | None):
+    def on_upload(path: str | None, model_name: str | None, state: XRay | None):
         if not path:
-            return None, gr.update(), ""
+            return None, gr.update(), "", None
         try:
-            xray = service.read_upload(path)
+            xray = store.take(path, state)
         except USER_ERRORS as e:
             raise _error(e) from e
-        boxed = service.boxed_findings(path, xray.width, xray.height)
+        boxed = service.boxed_findings(xray, xray.width, xray.height)
         note = f"{xray.source_format}, {xray.width} x {xray.height} px."
         if boxed:
             note += f" Radiologist boxes available for: {', '.join(boxed)}."
@@ -164,27 +210,28 @@ def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.
         update = gr.update()
         if boxed and model_name in zoo.cards and boxed[0] in zoo.cards[model_name].label_names:
             update = gr.update(value=boxed[0])
-        return xray.to_uint8(), update, note
+        return xray.to_uint8(), update, note, xray
 
     def models_api() -> list[dict]:
         """Every zoo entry: name, task, label names, operating points and headline metrics."""
         return service.models()
 
-    def predict(path: str | None, model_name: str, operating_point: str) -> tuple[dict, str]:
+    def predict(path: str | None, model_name: str, operating_point: str, state: XRay | None = None) -> tuple[dict, str]:
         """Probability, threshold and flag for every finding of the chosen model."""
         try:
-            pred = service.predict(path, model_name, operating_point)
+            pred = service.predict(store.take(path, state), model_name, operating_point)
         except USER_ERRORS as e:
             raise _error(e) from e
         return pred.document, findings_html(pred.document)
 
     def explain(path: str | None, model_name: str, finding: str | None, method: str, ground_truth_box: str = "",
-                opacity: float = 0.5, box_threshold: float = 0.0):
+                opacity: float = 0.5, box_threshold: float = 0.0, state: XRay | None = None):
         """Heatmap overlay for one finding, its box, and IoU/IoBB against ground truth when there is one."""
         if finding in ("", "(most probable)"):
             finding = None
         try:
-            overlay, doc = service.explain(path, model_name, finding, method, ground_truth_box, opacity, box_threshold)
+            overlay, doc = service.explain(store.take(path, state), model_name, finding, method, ground_truth_box,
+                                           opacity, box_threshold)
         except USER_ERRORS as e:
             raise _error(e) from e
         lines = [f"**{doc['finding']}** (p = {doc['probability']:.3f}), {CAM_LABELS[doc['method']]} at `{doc['layer']}`, "
@@ -200,14 +247,19 @@ def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.
         lines += [f"&#9888; {w}" for w in doc["warnings"]]
         return overlay, doc, "  \n".join(lines)
 
-    def compare(path: str | None, operating_point: str, progress=gr.Progress()) -> tuple[str, dict]:
+    def compare(path: str | None, operating_point: str, state: XRay | None = None,
+                progress=gr.Progress()) -> tuple[str, dict]:
         """Every zoo model on the same image, probabilities side by side."""
         results = {}
+        try:
+            xray = store.take(path, state)
+        except USER_ERRORS as e:
+            raise _error(e) from e
         for name in progress.tqdm(names, desc="Running every model"):
             card = zoo.cards[name]
             op = operating_point if operating_point in card.operating_points else card.operating_points[0]
             try:
-                results[name] = service.predict(path, name, op).document
+                results[name] = service.predict(xray, name, op).document
             except USER_ERRORS as e:
                 raise _error(e) from e
         labels: list[str] = []
@@ -229,8 +281,11 @@ def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.
                  "</tbody></table><p>Bold = passes that model's threshold.</p>")
         return table, {"operating_point": operating_point, "results": results}
 
-    # Uploaded and generated files are deleted from Gradio's cache after an hour (checked hourly).
-    with gr.Blocks(title="Chest X-ray model zoo", delete_cache=(3600, 3600)) as demo:
+    # Uploads are deleted as soon as they are decoded (UploadStore); generated overlays are deleted from
+    # Gradio's cache after 10 minutes (checked every 5).
+    with gr.Blocks(title="Chest X-ray model zoo", delete_cache=(300, 600)) as demo:
+        # The decoded upload for this browser session; dropped with the session or after 30 minutes.
+        image_state = gr.State(None, time_to_live=1800)
         gr.Markdown(
             f"# Chest X-ray model zoo\n**{INTENDED_USE}** Models trained by this project on small public data "
             "sets; see each model card for how well (or badly) it does."
@@ -282,14 +337,15 @@ def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.
 
         model.change(model_info, [model], [model_summary, op, finding, card_md], api_visibility="private")
         demo.load(model_info, [model], [model_summary, op, finding, card_md], api_visibility="private")
-        upload.change(on_upload, [upload, model], [preview, finding, image_note], api_visibility="private")
+        upload.change(on_upload, [upload, model, image_state], [preview, finding, image_note, image_state],
+                      api_visibility="private")
         gr.api(models_api, api_name="models")
-        predict_btn.click(predict, [upload, model, op], [findings_json, findings], api_name="predict",
+        predict_btn.click(predict, [upload, model, op, image_state], [findings_json, findings], api_name="predict",
                           concurrency_id="model", concurrency_limit=1)
-        explain_btn.click(explain, [upload, model, finding, method, gt_box, opacity, box_threshold],
+        explain_btn.click(explain, [upload, model, finding, method, gt_box, opacity, box_threshold, image_state],
                           [overlay, explain_json, explain_note], api_name="explain", concurrency_id="model",
                           concurrency_limit=1)
-        compare_btn.click(compare, [upload, op], [compare_html, compare_json], api_name="compare",
+        compare_btn.click(compare, [upload, op, image_state], [compare_html, compare_json], api_name="compare",
                           concurrency_id="model", concurrency_limit=1)
     return demo
 

@@ -101,7 +101,15 @@ class Zoo:
 
     @property
     def names(self) -> list[str]:
-        return list(self.cards)
+        """Model names, the default first: NIH ChestX-ray14 models by evaluated macro AUROC (best first),
+        then the other tasks'; unevaluated models after evaluated ones."""
+
+        def key(name: str) -> tuple:
+            card = self.cards[name]
+            auc = card.eval_metrics.macro_auroc if card.eval_metrics and card.eval_metrics.macro_auroc else -1.0
+            return (card.task != "nih14", card.task, -auc, name)
+
+        return sorted(self.cards, key=key)
 
     def card(self, name: str) -> ModelCard:
         """The card of a zoo model.

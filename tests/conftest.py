@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 
@@ -21,6 +22,8 @@ def _isolated_hf_cache(tmp_path, monkeypatch):
 
 def pytest_configure(config):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    # A fresh Gradio upload folder per test run, so upload-deletion tests see only this run's files.
+    os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="cxr-tests-gradio-")
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,9 @@ def test_upload_predict_explain_in_chromium(live_app, tmp_path):
         )
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            page.goto(live_app, wait_until="networkidle")
+            # Not "networkidle": with a gr.State the page keeps a heartbeat stream open for the session.
+            page.goto(live_app, wait_until="load")
+            page.get_by_role("button", name="Predict findings").wait_for(timeout=60_000)
             page.locator("input[type=file]").first.set_input_files(str(image))
             page.get_by_text("px.", exact=False).first.wait_for(timeout=30_000)  # the "as read" note
             page.get_by_role("button", name="Predict findings").click()
@@ -50,5 +52,12 @@ def test_upload_predict_explain_in_chromium(live_app, tmp_path):
             if image.name.startswith("000"):
                 page.get_by_text("IoU", exact=False).first.wait_for(timeout=5_000)
             page.screenshot(path=str(ARTIFACTS / "browser-heatmap.png"), full_page=True)
+            # Predict and explain ran on the session's decoded image: the upload itself is gone from disk.
+            from gradio.utils import get_upload_folder
+
+            from cxr_demo.ui import default_examples
+
+            if image.name not in {Path(p).name for p in default_examples()}:
+                assert not list(Path(get_upload_folder()).rglob(image.name))
         finally:
             browser.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 import zlib
 
 import numpy as np
@@ -145,3 +146,16 @@ def test_compare_runs_every_model(client, tmp_path):
     html, doc = client.predict(handle_file(str(good)), "f1", api_name="/compare")
     names = [m["name"] for m in client.predict(api_name="/models")]
     assert list(doc["results"]) == names and "<table" in html
+
+
+@needs_nih
+def test_uploads_are_not_kept_after_the_request(client, model_name, tmp_path):
+    """An API upload is decoded and deleted: nothing with the image's name is left in Gradio's cache."""
+    from gradio.utils import get_upload_folder
+
+    unique = tmp_path / "never-kept-7f3a.png"
+    unique.write_bytes(BOXED.read_bytes())
+    for api, args in (("/predict", (model_name, "f1")), ("/explain", (model_name, "", "gradcam", "", 0.5, 0.0))):
+        client.predict(handle_file(str(unique)), *args, api_name=api)
+        left = list(Path(get_upload_folder()).rglob(unique.name))
+        assert left == [], f"{api} left the upload on disk: {left}"

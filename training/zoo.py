@@ -1,6 +1,8 @@
-"""Retrain the NIH ChestX-ray14 zoo with one command, one checkpoint after another, timing each.
+"""Retrain the whole zoo with one command, one checkpoint after another, timing each: the NIH
+ChestX-ray14 architectures, the paediatric pneumonia and COVID-19 models, and the in-domain
+pretraining comparison (two pretraining checkpoints in ``pretrain/`` and four NIH fine-tunes).
 
-Example (the committed zoo; about 1.5 h on a 2-core CPU)::
+Example (the committed zoo; about 2.5 h on a 2-core CPU)::
 
     python -m training.zoo                      # every entry below
     python -m training.zoo --only nih14-resnet50 nih14-densenet121
@@ -26,16 +28,38 @@ log = logging.getLogger(__name__)
 
 # Random-init models train at a smaller input size on the CPU: with 1.2k training images they gain
 # little from 224 px and each epoch costs half as much. EfficientNet-Lite keeps 224 (its ImageNet size).
+NIH = ["--task", "nih14"]
+# The in-domain pretraining comparison: one architecture, one input size, one recipe, four inits.
+LITE0_160 = [*NIH, "--arch", "tf_efficientnet_lite0", "--input-size", "160", "--epochs", "10", "--patience", "3"]
+PRETRAIN = ["--task", "pretrain", "--arch", "tf_efficientnet_lite0", "--input-size", "160", "--epochs", "4",
+            "--loss", "bce", "--out", "pretrain", "--no-eval"]
+# Paediatric and COVID-19 tasks: 224 px source images, trained at 128 px to fit a CPU session.
+SMALL_TASK = ["--arch", "tf_efficientnet_lite0", "--init", "imagenet", "--input-size", "128", "--epochs", "5", "--patience", "2"]
 ZOO: dict[str, list[str]] = {
-    "nih14-efficientnet-lite0": ["--arch", "tf_efficientnet_lite0", "--init", "imagenet", "--epochs", "14"],
-    "nih14-small-cnn": ["--arch", "cxr_small_cnn", "--init", "random", "--epochs", "15"],
-    "nih14-mobilenetv3-large": ["--arch", "mobilenetv3_large_100", "--init", "random", "--epochs", "12"],
-    "nih14-densenet121": ["--arch", "densenet121", "--init", "random", "--input-size", "160", "--epochs", "8"],
-    "nih14-resnet50": ["--arch", "resnet50", "--init", "random", "--input-size", "160", "--epochs", "8"],
-    "nih14-vit-small": ["--arch", "vit_small_patch16_224", "--init", "random", "--input-size", "160", "--epochs", "8",
+    "nih14-efficientnet-lite0": [*NIH, "--arch", "tf_efficientnet_lite0", "--init", "imagenet", "--epochs", "14"],
+    "nih14-small-cnn": [*NIH, "--arch", "cxr_small_cnn", "--init", "random", "--epochs", "15"],
+    "nih14-mobilenetv3-large": [*NIH, "--arch", "mobilenetv3_large_100", "--init", "random", "--epochs", "12"],
+    "nih14-densenet121": [*NIH, "--arch", "densenet121", "--init", "random", "--input-size", "160", "--epochs", "8"],
+    "nih14-resnet50": [*NIH, "--arch", "resnet50", "--init", "random", "--input-size", "160", "--epochs", "8"],
+    "nih14-vit-small": [*NIH, "--arch", "vit_small_patch16_224", "--init", "random", "--input-size", "160", "--epochs", "8",
                         "--lr", "5e-4", "--weight-decay", "0.05"],
-    "nih14-efficientnet-lite1": ["--arch", "tf_efficientnet_lite1", "--init", "imagenet", "--epochs", "10"],
+    "nih14-efficientnet-lite1": [*NIH, "--arch", "tf_efficientnet_lite1", "--init", "imagenet", "--epochs", "10"],
+    "kermany2-efficientnet-lite0": ["--task", "kermany2", *SMALL_TASK],
+    "kermany2-efficientnet-lite0-lungcrop": ["--task", "kermany2", *SMALL_TASK, "--crop", "lung"],
+    "kermany3-efficientnet-lite0-lungcrop": ["--task", "kermany3", *SMALL_TASK, "--crop", "lung", "--loss", "focal"],
+    "covid3-efficientnet-lite0": ["--task", "covid3", *SMALL_TASK],
+    "pretrain-lite0-random": [*PRETRAIN, "--init", "random"],
+    "pretrain-lite0-imagenet": [*PRETRAIN, "--init", "imagenet"],
+    "nih14-lite0-160-random": [*LITE0_160, "--init", "random"],
+    "nih14-lite0-160-imagenet": [*LITE0_160, "--init", "imagenet"],
+    "nih14-lite0-160-indomain": [*LITE0_160, "--init", "checkpoint", "--init-from", "pretrain/pretrain-lite0-random"],
+    "nih14-lite0-160-imagenet-indomain": [*LITE0_160, "--init", "checkpoint", "--init-from", "pretrain/pretrain-lite0-imagenet"],
 }
+
+
+def _done(name: str, entry: list[str], default_out: Path) -> bool:
+    out = Path(entry[entry.index("--out") + 1]) if "--out" in entry else default_out
+    return (out / name / "config.json").exists() and ("--no-eval" in entry or (out / name / "eval.json").exists())
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -51,10 +75,12 @@ def main(argv: list[str] | None = None) -> dict:
     timings = json.loads(args.timings.read_text()) if args.timings.exists() else {"runs": {}}
     started = time.time()
     for name in args.only or list(ZOO):
-        if args.skip_existing and (args.out / name / "eval.json").exists():
+        if args.skip_existing and _done(name, ZOO[name], args.out):
             log.info("skip %s (already trained)", name)
             continue
-        cmd = ["--task", "nih14", "--name", name, *ZOO[name]] + (["--out", str(args.out)] if args.out != Path("checkpoints") else [])
+        cmd = ["--name", name, *ZOO[name]]
+        if "--out" not in cmd and args.out != Path("checkpoints"):
+            cmd += ["--out", str(args.out)]
         log.info("python -m training.train %s", shlex.join(cmd))
         t0 = time.time()
         train_main(cmd)
