@@ -159,3 +159,16 @@ def test_uploads_are_not_kept_after_the_request(client, model_name, tmp_path):
         client.predict(handle_file(str(unique)), *args, api_name=api)
         left = list(Path(get_upload_folder()).rglob(unique.name))
         assert left == [], f"{api} left the upload on disk: {left}"
+
+
+def test_upload_over_the_size_limit_is_refused_and_the_app_keeps_serving(client, model_name, tmp_path):
+    """Gradio's max_file_size (64 MB) refuses the upload itself, before any handler runs."""
+    big = tmp_path / "huge.png"
+    with open(big, "wb") as f:
+        f.write(png_declaring(8000, 8000))
+        f.truncate(65 * 2**20)
+    with pytest.raises(Exception, match="(?i)size|large|413"):
+        client.predict(handle_file(str(big)), model_name, "f1", api_name="/predict")
+    ok = tmp_path / "ok.png"
+    Image.fromarray((synthetic_xray(128) * 255).astype(np.uint8)).save(ok)
+    assert client.predict(handle_file(str(ok)), model_name, "f1", api_name="/predict")[0]["findings"]
