@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 # little from 224 px and each epoch costs half as much. EfficientNet-Lite keeps 224 (its ImageNet size).
 NIH = ["--task", "nih14"]
 # The in-domain pretraining comparison: one architecture, one input size, one recipe, four inits.
-LITE0_160 = [*NIH, "--arch", "tf_efficientnet_lite0", "--input-size", "160", "--epochs", "10", "--patience", "3"]
-PRETRAIN = ["--task", "pretrain", "--arch", "tf_efficientnet_lite0", "--input-size", "160", "--epochs", "4",
+LITE0_160 = [*NIH, "--arch", "tf_efficientnet_lite0", "--input-size", "160", "--epochs", "8", "--patience", "3"]
+PRETRAIN = ["--task", "pretrain", "--arch", "tf_efficientnet_lite0", "--input-size", "160", "--epochs", "3",
             "--loss", "bce", "--out", "pretrain", "--no-eval"]
 # Paediatric and COVID-19 tasks: 224 px source images, trained at 128 px to fit a CPU session.
 SMALL_TASK = ["--arch", "tf_efficientnet_lite0", "--init", "imagenet", "--input-size", "128", "--epochs", "5", "--patience", "2"]
@@ -43,17 +43,17 @@ ZOO: dict[str, list[str]] = {
     "nih14-resnet50": [*NIH, "--arch", "resnet50", "--init", "random", "--input-size", "160", "--epochs", "8"],
     "nih14-vit-small": [*NIH, "--arch", "vit_small_patch16_224", "--init", "random", "--input-size", "160", "--epochs", "8",
                         "--lr", "5e-4", "--weight-decay", "0.05"],
-    "nih14-efficientnet-lite1": [*NIH, "--arch", "tf_efficientnet_lite1", "--init", "imagenet", "--epochs", "10"],
-    "kermany2-efficientnet-lite0": ["--task", "kermany2", *SMALL_TASK],
-    "kermany2-efficientnet-lite0-lungcrop": ["--task", "kermany2", *SMALL_TASK, "--crop", "lung"],
-    "kermany3-efficientnet-lite0-lungcrop": ["--task", "kermany3", *SMALL_TASK, "--crop", "lung", "--loss", "focal"],
-    "covid3-efficientnet-lite0": ["--task", "covid3", *SMALL_TASK],
     "pretrain-lite0-random": [*PRETRAIN, "--init", "random"],
     "pretrain-lite0-imagenet": [*PRETRAIN, "--init", "imagenet"],
     "nih14-lite0-160-random": [*LITE0_160, "--init", "random"],
     "nih14-lite0-160-imagenet": [*LITE0_160, "--init", "imagenet"],
     "nih14-lite0-160-indomain": [*LITE0_160, "--init", "checkpoint", "--init-from", "pretrain/pretrain-lite0-random"],
     "nih14-lite0-160-imagenet-indomain": [*LITE0_160, "--init", "checkpoint", "--init-from", "pretrain/pretrain-lite0-imagenet"],
+    "kermany2-efficientnet-lite0": ["--task", "kermany2", *SMALL_TASK],
+    "kermany2-efficientnet-lite0-lungcrop": ["--task", "kermany2", *SMALL_TASK, "--crop", "lung"],
+    "kermany3-efficientnet-lite0-lungcrop": ["--task", "kermany3", *SMALL_TASK, "--crop", "lung", "--loss", "focal"],
+    "covid3-efficientnet-lite0": ["--task", "covid3", *SMALL_TASK],
+    "nih14-efficientnet-lite1": [*NIH, "--arch", "tf_efficientnet_lite1", "--init", "imagenet", "--epochs", "8"],
 }
 
 
