@@ -263,3 +263,17 @@ def test_optuna_search_records_every_trial(train_env):
     assert "--lr" in saved["best"]["command"]
     with pytest.raises(SystemExit, match="set by the search"):
         search_main(["--study", "bad", "--", "--lr", "0.1"])
+
+
+def test_tsne_map_and_model_zoo_page(train_env, monkeypatch):
+    import training.report as report
+
+    data = make_fake_nih(train_env / "data")
+    folder = _train("--data-root", data, "--arch", "test_efficientnet", "--init", "random", "--name", "tiny",
+                    "--out", train_env / "ck", "--epochs", "1", "--val-fraction", "0.25")
+    meta = report.compute_tsne(folder, train_env / "zoo", data_root=data)
+    assert (train_env / "zoo" / "tsne-tiny.png").stat().st_size > 5000
+    assert meta["n_images"] == 16 and meta["weights_sha256"] == read_card(folder).sha256
+    monkeypatch.setattr(report, "TSNE_DIR", train_env / "zoo")
+    page = report.model_zoo_doc(train_env / "ck")
+    assert "tiny" in page and "zoo/tsne-tiny.png" in page and "| Atelectasis (" in page
