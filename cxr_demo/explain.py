@@ -94,10 +94,22 @@ def compute_heatmap(
     return heat / peak if peak > 0 else heat
 
 
-def resize_heatmap(heatmap: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Resize a heatmap to an image's pixel frame (bilinear)."""
-    im = Image.fromarray(np.ascontiguousarray(heatmap, dtype=np.float32))
-    return np.asarray(im.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
+def resize_heatmap(heatmap: np.ndarray, width: int, height: int,
+                   crop: tuple[float, float, float, float] | None = None) -> np.ndarray:
+    """Map a heatmap of the model's input back to the image's pixel frame (bilinear).
+
+    With a ``crop`` (fractions top, bottom, left, right, as the card's preprocessing cut), the heatmap
+    covers only that rectangle of the image; outside it the model saw nothing and the map is 0.
+    """
+    if crop is None:
+        im = Image.fromarray(np.ascontiguousarray(heatmap, dtype=np.float32))
+        return np.asarray(im.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
+    top, bottom, left, right = crop  # the same rounding as images.resize_gray
+    y0, y1 = int(round(top * height)), int(round(bottom * height))
+    x0, x1 = int(round(left * width)), int(round(right * width))
+    out = np.zeros((height, width), dtype=np.float32)
+    out[y0:y1, x0:x1] = resize_heatmap(heatmap, x1 - x0, y1 - y0)
+    return out
 
 
 @dataclass(frozen=True)

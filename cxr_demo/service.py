@@ -151,7 +151,7 @@ class DemoService:
             index = card.label_names.index(finding) if finding else int(np.argmax(probs))
             finding = card.label_names[index]
             heat = compute_heatmap(model, card, x, index, method, layer=layer)
-        heat = resize_heatmap(heat, xray.width, xray.height)
+        heat = resize_heatmap(heat, xray.width, xray.height, card.crop)
         pred_boxes = heatmap_to_boxes(heat, rule=rule)[:MAX_BOXES]
 
         typed = parse_boxes(ground_truth, xray.width, xray.height)

@@ -172,3 +172,14 @@ def test_adaptive_threshold_uses_mean_plus_k_std():
     # mean + 0.1 std ~ 0.05: both pass; the larger one first, and "all" keeps both
     assert heatmap_to_boxes(heat, rule=BoxRule(0.1, mode="adaptive", regions="all")) == [
         (60.0, 60.0, 30.0, 30.0), (10.0, 10.0, 10.0, 10.0)]
+
+
+def test_heatmap_of_a_cropped_input_lands_on_the_crop():
+    from cxr_demo.explain import resize_heatmap
+
+    heat = np.ones((7, 7), dtype=np.float32)
+    full = resize_heatmap(heat, 100, 80, crop=(0.25, 0.75, 0.5, 1.0))
+    assert full.shape == (80, 100)
+    rows, cols = np.nonzero(full)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (20, 59, 50, 99)
+    assert np.allclose(resize_heatmap(heat, 100, 80), 1.0)

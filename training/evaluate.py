@@ -65,7 +65,7 @@ def box_study(model, card, records, pixels, boxes_by_image) -> dict:
     for p in pairs:
         x_in = normalise_batch(torch.from_numpy(pixels[p["index"] : p["index"] + 1])[:, None], card)
         heat = compute_heatmap(model, card, x_in, card.label_names.index(p["finding"]), method, layer=layer)
-        heats.append(resize_heatmap(heat, p["width"], p["height"]))
+        heats.append(resize_heatmap(heat, p["width"], p["height"], card.crop))
     seconds = time.time() - t0
     rows = score_rule(heats, pairs, rule)
     note = ("settings chosen by the localisation study on a patient-disjoint half of these boxes; the held-out "

@@ -171,7 +171,7 @@ def run_study(folder: Path, data_root: Path = DEFAULT_DATA_ROOT, perturbation_pa
             p = pairs[i]
             heat = compute_heatmap(model, card, x_all[p["index"] : p["index"] + 1], card.label_names.index(p["finding"]),
                                    method, layer=layer)
-            heats[i] = resize_heatmap(heat, p["width"], p["height"])
+            heats[i] = resize_heatmap(heat, p["width"], p["height"], card.crop)
         seconds = (time.perf_counter() - t0) / max(len(use), 1)
         log.info("%s: %.3f s per heatmap (%.2fx forward+backward) over %d heatmaps", key, seconds, seconds / fwd_bwd, len(use))
         h_idx = {h: (subset[h] if subset else idx) for h, idx in halves.items()}
