@@ -63,6 +63,87 @@ def floor_times(zoo: Zoo, name: str, image: Path, repeats: int) -> dict[str, flo
     return {"forward_s": statistics.median(fwd), "forward_backward_s": statistics.median(fwd_bwd)}
 
 
+def service_times(service, name: str, image: Path, repeats: int) -> dict[str, float]:
+    """Median seconds of the app's own pipeline without Gradio: decode the file, preprocess, run the
+    model (and the OOD check, or the CAM), build the result document and overlay."""
+    card = service.zoo.card(name)
+    label = card.label_names[0]
+    out: dict[str, float] = {}
+    for key, call in (("service_predict_s", lambda: service.predict(image, name, card.operating_points[0])),
+                      ("service_explain_s", lambda: service.explain(image, name, label, "default"))):
+        call()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+        out[key] = statistics.median(times)
+    return out
+
+
+def serve_noop(port: int) -> None:
+    """A Gradio app whose one endpoint takes the same upload and does nothing: the transport's own cost
+    (upload, queue, server-sent events, JSON) with the app's launch settings."""
+    import gradio as gr
+
+    from cxr_demo.ui import MAX_FILE_SIZE
+
+    with gr.Blocks() as demo:
+        f = gr.File()
+        out = gr.JSON()
+        gr.Button().click(lambda path: {"bytes": Path(path).stat().st_size}, f, out, api_name="noop")
+    demo.queue(default_concurrency_limit=1).launch(server_name="127.0.0.1", server_port=port,
+                                                   max_file_size=MAX_FILE_SIZE, prevent_thread_lock=False)
+
+
+PHASES = ("upload", "queue_wait", "preprocess", "fn_call", "postprocess", "total")
+
+
+def _profiling(url: str, action: str) -> dict:
+    """Gradio's own profiler (the app runs with ``GRADIO_PROFILING=1``): ``clear`` or ``summary``."""
+    import urllib.request
+
+    if action == "clear":
+        urllib.request.urlopen(urllib.request.Request(url + "gradio_api/profiling/clear", method="POST"), timeout=10)
+        return {}
+    with urllib.request.urlopen(url + "gradio_api/profiling/summary", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def server_phases(summary: dict) -> dict[str, float]:
+    """Median milliseconds of each server-side phase since the last clear (uploads are separate requests)."""
+    out = {p: summary["phases"][p]["p50"] for p in PHASES if p in summary.get("phases", {})}
+    out["upload"] = summary.get("upload", {}).get("p50", 0.0)
+    return out
+
+
+def http_call(http, url: str, api_name: str, image: Path, *args) -> list:
+    """One request over Gradio's plain HTTP API, as ``curl`` would make it: upload the file, POST the call,
+    read the server-sent events until ``complete`` (and fetch a returned image, as gradio_client does).
+    No client library: this separates what gradio_client adds from what the server takes."""
+    with open(image, "rb") as f:
+        r = http.post(url + "gradio_api/upload", files={"files": (image.name, f)})
+    r.raise_for_status()
+    file = {"path": r.json()[0], "meta": {"_type": "gradio.FileData"}}
+    r = http.post(f"{url}gradio_api/call/{api_name}", json={"data": [file, *args]})
+    r.raise_for_status()
+    event = r.json()["event_id"]
+    kind, data = None, None
+    with http.stream("GET", f"{url}gradio_api/call/{api_name}/{event}") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                kind = line[6:].strip()
+            elif line.startswith("data:") and kind in ("complete", "error"):
+                data = json.loads(line[5:]) if kind == "complete" else line[5:]
+                break
+    if kind != "complete":
+        raise RuntimeError(f"{api_name}: {data}")
+    for out in data:
+        if isinstance(out, dict) and out.get("url"):
+            http.get(out["url"]).raise_for_status()
+    return data
+
+
 def _peak_rss_mb(pid: int) -> float:
     """Peak resident set size (VmHWM) of a process, in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -71,11 +152,14 @@ def _peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def start_app(port: int) -> tuple[subprocess.Popen, float, str]:
-    """Start ``python app.py`` and wait until it answers; returns (process, seconds to ready, url)."""
-    env = dict(os.environ, GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1", CXR_DEMO_LOG_LEVEL="WARNING")
+def start_app(port: int, noop: bool = False) -> tuple[subprocess.Popen, float, str]:
+    """Start ``python app.py`` (or the no-op app) and wait until it answers; returns (process, seconds
+    to ready, url)."""
+    env = dict(os.environ, GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1", CXR_DEMO_LOG_LEVEL="WARNING",
+               GRADIO_PROFILING="1")
+    cmd = [sys.executable, "-m", "cxr_demo.bench", "--serve-noop", str(port)] if noop else [sys.executable, "app.py"]
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}/"
     import urllib.request
 
@@ -97,50 +181,109 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=30, help="sequential requests per endpoint and model")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--requests-per-client", type=int, default=100)
+    p.add_argument("--models", nargs="+", default=None, help="only these zoo models (default: all)")
+    p.add_argument("--concurrency-models", type=int, default=None,
+                   help="how many models the concurrent clients spread over (default: the loaded-model cache size)")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--serve-noop", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.serve_noop:
+        serve_noop(args.serve_noop)
+        return 0
     from gradio_client import Client, handle_file
 
+    from cxr_demo.service import DemoService
+
     zoo = Zoo()
+    service = DemoService(zoo)
     image = args.image
-    results: dict = {"image": str(image), "cpu_threads": torch.get_num_threads(), "models": {}}
+    names = args.models or zoo.names
+    results: dict = {"image": str(image), "cpu_threads": torch.get_num_threads(), "models": {},
+                     "max_loaded_models": zoo.max_loaded}
+
+    noop_proc, _, noop_url = start_app(_free_port(), noop=True)
+    try:
+        c = Client(noop_url, verbose=False)
+        lat = []
+        for i in range(args.requests + 3):
+            t = time.perf_counter()
+            c.predict(handle_file(str(image)), api_name="/noop")
+            if i >= 3:
+                lat.append(time.perf_counter() - t)
+            if i == 2:
+                _profiling(noop_url, "clear")
+        import httpx
+
+        with httpx.Client(timeout=60) as h:
+            hl = []
+            for i in range(args.requests + 3):
+                t = time.perf_counter()
+                http_call(h, noop_url, "noop", image)
+                if i >= 3:
+                    hl.append(time.perf_counter() - t)
+        results["gradio_noop"] = {"median_s": statistics.median(lat), "p95_s": _pct(lat, 95),
+                                  "http_median_s": statistics.median(hl), "http_p95_s": _pct(hl, 95),
+                                  "server_phases_ms": server_phases(_profiling(noop_url, "summary"))}
+    finally:
+        noop_proc.terminate()
+        noop_proc.wait(timeout=30)
 
     proc, ready_s, url = start_app(_free_port())
     try:
         client = Client(url, verbose=False)
+        import httpx
+
+        http = httpx.Client(timeout=120)
         t0 = time.perf_counter()
         client.predict(handle_file(str(image)), zoo.names[0], "f1", api_name="/predict")
         first_predict = time.perf_counter() - t0
         results["cold_start"] = {"server_ready_s": ready_s, "first_predict_s": first_predict,
                                  "total_s": ready_s + first_predict}
-        for name in zoo.names:
+        for name in names:
             floor = floor_times(zoo, name, image, args.requests)
-            lat: dict[str, list[float]] = {"predict": [], "explain": []}
+            floor.update(service_times(service, name, image, args.requests))
+            lat: dict[str, list[float]] = {"predict": [], "explain": [], "http_predict": [], "http_explain": []}
+            phases: dict[str, dict[str, float]] = {}
             label = zoo.card(name).label_names[0]
             for endpoint, call in (
                 ("predict", lambda: client.predict(handle_file(str(image)), name, zoo.card(name).operating_points[0], api_name="/predict")),
                 ("explain", lambda: client.predict(handle_file(str(image)), name, label, "default", api_name="/explain")),
             ):
                 call()  # warm
+                _profiling(url, "clear")
                 for _ in range(args.requests):
                     t = time.perf_counter()
                     call()
                     lat[endpoint].append(time.perf_counter() - t)
+                phases[endpoint] = server_phases(_profiling(url, "summary"))
+            card = zoo.card(name)
+            for endpoint, args_ in (("predict", (name, card.operating_points[0])),
+                                    ("explain", (name, label, "default", "", 0.5, 0.0))):
+                http_call(http, url, endpoint, image, *args_)  # warm
+                for _ in range(args.requests):
+                    t = time.perf_counter()
+                    http_call(http, url, endpoint, image, *args_)
+                    lat[f"http_{endpoint}"].append(time.perf_counter() - t)
             results["models"][name] = {
+                "server_phases_ms": phases,
                 **floor,
                 **{f"{e}_median_s": statistics.median(v) for e, v in lat.items()},
                 **{f"{e}_p95_s": _pct(v, 95) for e, v in lat.items()},
                 "predict_ratio": statistics.median(lat["predict"]) / floor["forward_s"],
                 "explain_ratio": statistics.median(lat["explain"]) / floor["forward_backward_s"],
+                "http_predict_ratio": statistics.median(lat["http_predict"]) / floor["forward_s"],
+                "http_explain_ratio": statistics.median(lat["http_explain"]) / floor["forward_backward_s"],
             }
 
         errors: list[str] = []
         conc: dict[str, list[float]] = {"predict": [], "explain": []}
         lock = threading.Lock()
 
+        spread = names[: args.concurrency_models or zoo.max_loaded]
+
         def worker(k: int) -> None:
             c = Client(url, verbose=False)
-            name = zoo.names[k % len(zoo.names)]
+            name = spread[k % len(spread)]
             for i in range(args.requests_per_client):
                 endpoint = "explain" if (i + k) % 4 == 0 else "predict"
                 t = time.perf_counter()
@@ -164,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             t.join()
         results["concurrency"] = {
             "clients": args.concurrency, "requests_per_client": args.requests_per_client,
-            "mix": "1 explain : 3 predict", "wall_s": time.perf_counter() - t0, "errors": len(errors),
+            "mix": "1 explain : 3 predict", "models": spread, "wall_s": time.perf_counter() - t0, "errors": len(errors),
             "error_examples": errors[:5],
             **{f"{e}_p50_s": _pct(v, 50) for e, v in conc.items() if v},
             **{f"{e}_p95_s": _pct(v, 95) for e, v in conc.items() if v},
@@ -174,17 +317,47 @@ def main(argv: list[str] | None = None) -> int:
         proc.terminate()
         proc.wait(timeout=30)
 
-    print("| model | forward (ms) | fwd+bwd (ms) | /predict median / p95 (ms) | ratio to forward | /explain median / p95 (ms) | ratio to fwd+bwd |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | forward (ms) | fwd+bwd (ms) | in-process predict / explain (ms) | /predict median / p95 (ms) | "
+          "ratio to forward | /explain median / p95 (ms) | ratio to fwd+bwd |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in results["models"].items():
         print(f"| {name} | {r['forward_s'] * 1e3:.1f} | {r['forward_backward_s'] * 1e3:.1f} | "
+              f"{r['service_predict_s'] * 1e3:.0f} / {r['service_explain_s'] * 1e3:.0f} | "
               f"{r['predict_median_s'] * 1e3:.0f} / {r['predict_p95_s'] * 1e3:.0f} | {r['predict_ratio']:.2f} | "
               f"{r['explain_median_s'] * 1e3:.0f} / {r['explain_p95_s'] * 1e3:.0f} | {r['explain_ratio']:.2f} |")
+    print("\nWhere the end-to-end time goes (medians, ms; server phases from Gradio's own profiler, "
+          "GRADIO_PROFILING=1): upload = the file's POST; fn = our handler (decode, model, CAM, overlay); "
+          "pre/post = Gradio's (de)serialisation; rest = client, HTTP and event stream.")
+    print("\n| model | endpoint | end to end | upload | queue wait | Gradio pre | fn | Gradio post | rest |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in results["models"].items():
+        for e in ("predict", "explain"):
+            ph = r["server_phases_ms"][e]
+            e2e = r[f"{e}_median_s"] * 1e3
+            rest = e2e - ph["upload"] - ph["total"]
+            print(f"| {name} | /{e} | {e2e:.0f} | {ph['upload']:.0f} | {ph['queue_wait']:.0f} | {ph['preprocess']:.0f} | "
+                  f"{ph['fn_call']:.0f} | {ph['postprocess']:.0f} | {rest:.0f} |")
+    print("\nThe same requests over Gradio's plain HTTP API (upload, POST /gradio_api/call/<api>, read the event "
+          "stream; what curl does), without gradio_client:\n")
+    print("| model | /predict median / p95 (ms) | ratio to forward | /explain median / p95 (ms) | ratio to fwd+bwd |")
+    print("|---|---|---|---|---|")
+    for name, r in results["models"].items():
+        print(f"| {name} | {r['http_predict_median_s'] * 1e3:.0f} / {r['http_predict_p95_s'] * 1e3:.0f} | "
+              f"{r['http_predict_ratio']:.2f} | {r['http_explain_median_s'] * 1e3:.0f} / "
+              f"{r['http_explain_p95_s'] * 1e3:.0f} | {r['http_explain_ratio']:.2f} |")
+    g = results["gradio_noop"]
+    print(f"\nGradio round trip of a no-op endpoint taking the same upload (the transport's own cost): "
+          f"median {g['median_s'] * 1e3:.0f} ms, p95 {g['p95_s'] * 1e3:.0f} ms (server: upload "
+          f"{g['server_phases_ms']['upload']:.0f} ms, handler total {g['server_phases_ms'].get('total', 0):.0f} ms); "
+          f"over plain HTTP median {g['http_median_s'] * 1e3:.0f} ms, p95 {g['http_p95_s'] * 1e3:.0f} ms")
     c = results["concurrency"]
-    print(f"\nConcurrency: {c['clients']} clients x {c['requests_per_client']} requests ({c['mix']}): "
+    print(f"Concurrency: {c['clients']} clients x {c['requests_per_client']} requests ({c['mix']}) over "
+          f"{', '.join(c['models'])}: "
           f"{c['errors']} errors, /predict p95 {c.get('predict_p95_s', float('nan')):.2f} s, "
           f"/explain p95 {c.get('explain_p95_s', float('nan')):.2f} s, server peak RSS {c['server_peak_rss_mib']:.0f} MiB, "
           f"wall {c['wall_s']:.0f} s")
+    for e in c["error_examples"]:
+        print(f"  error: {e[:300]}")
     cs = results["cold_start"]
     print(f"Cold start: server answering after {cs['server_ready_s']:.1f} s, first /predict answered after "
           f"{cs['total_s']:.1f} s")

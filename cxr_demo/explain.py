@@ -68,6 +68,19 @@ def compute_heatmap(
     Must not run under ``torch.inference_mode``/``no_grad`` (pytorch-grad-cam needs gradients), and a
     shared model must not run two CAMs at once (the hooks live on the module).
     """
+    return heatmap_and_logits(model, card, input_tensor, class_index, method, layer)[0]
+
+
+def heatmap_and_logits(
+    model: torch.nn.Module,
+    card: ModelCard,
+    input_tensor: torch.Tensor,
+    class_index: int | None,
+    method: str = DEFAULT_CAM_METHOD,
+    layer: str | None = None,
+) -> tuple[np.ndarray, torch.Tensor, int]:
+    """:func:`compute_heatmap` that also returns the logits of the CAM's own forward pass (so the
+    probabilities cost no second forward) and the class explained (``None``: the top-scoring one)."""
     if method not in CAM_METHODS:
         raise KeyError(f"unknown CAM method {method!r}; choose one of {sorted(CAM_METHODS)}")
     target = resolve_module(model, layer or card.cam_target_layer)
@@ -85,13 +98,18 @@ def compute_heatmap(
         cam.batch_size = 32
     # Not ``with cam:``: BaseCAM.__exit__ prints and swallows IndexError, hiding real failures.
     try:
-        grayscale = cam(input_tensor=x, targets=[ClassifierOutputTarget(class_index)])
+        # targets=None: pytorch-grad-cam explains the arg-max logit, the top finding (sigmoid and softmax
+        # are monotonic), and keeps that forward pass's output in ``cam.outputs``.
+        targets = None if class_index is None else [ClassifierOutputTarget(class_index)]
+        grayscale = cam(input_tensor=x, targets=targets)
+        logits = cam.outputs.detach()
     finally:
         cam.activations_and_grads.release()
+    index = int(logits[0].argmax()) if class_index is None else class_index
     heat = np.asarray(grayscale[0], dtype=np.float32)
     heat = np.nan_to_num(heat, nan=0.0, posinf=0.0, neginf=0.0)
     peak = float(heat.max())
-    return heat / peak if peak > 0 else heat
+    return (heat / peak if peak > 0 else heat), logits, index
 
 
 def resize_heatmap(heatmap: np.ndarray, width: int, height: int,

@@ -22,14 +22,14 @@ from cxr_demo.explain import (
     best_match,
     box_iobb,
     box_iou,
-    compute_heatmap,
+    heatmap_and_logits,
     heatmap_to_boxes,
     render_overlay,
     resize_heatmap,
 )
 from cxr_demo.groundtruth import BoxInputError, nih_boxes_for, parse_boxes
 from cxr_demo.images import ImageInputError, XRay, read_xray
-from cxr_demo.inference import findings_table, logits_to_probabilities, predict_probabilities, preprocess
+from cxr_demo.inference import findings_table, logits_to_probabilities, preprocess
 from cxr_demo.ood import features_and_logits
 from cxr_demo.zoo import UnknownModelError, Zoo
 
@@ -147,10 +147,10 @@ class DemoService:
         warnings = list(xray.warnings)
         with self._model_lock:
             model = self.zoo.model(card.name)
-            probs = predict_probabilities(model, card, x)[0]
-            index = card.label_names.index(finding) if finding else int(np.argmax(probs))
-            finding = card.label_names[index]
-            heat = compute_heatmap(model, card, x, index, method, layer=layer)
+            requested = card.label_names.index(finding) if finding else None
+            heat, logits, index = heatmap_and_logits(model, card, x, requested, method, layer=layer)
+        probs = logits_to_probabilities(logits.float(), card.task_kind)[0].numpy()
+        finding = card.label_names[index]
         heat = resize_heatmap(heat, xray.width, xray.height, card.crop)
         pred_boxes = heatmap_to_boxes(heat, rule=rule)[:MAX_BOXES]
 

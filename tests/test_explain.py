@@ -183,3 +183,25 @@ def test_heatmap_of_a_cropped_input_lands_on_the_crop():
     rows, cols = np.nonzero(full)
     assert (rows.min(), rows.max(), cols.min(), cols.max()) == (20, 59, 50, 99)
     assert np.allclose(resize_heatmap(heat, 100, 80), 1.0)
+
+
+def test_explain_reports_the_same_probability_as_predict_and_picks_the_top_finding(tmp_path):
+    """/explain takes its probability from the CAM's own forward pass (no second forward): it must equal
+    /predict's, and with no finding chosen it explains the most probable one."""
+    from PIL import Image
+
+    from cxr_demo.service import DemoService
+    from cxr_demo.zoo import Zoo, ZooSource
+
+    make_checkpoint(tmp_path / "ck", name="tiny")
+    service = DemoService(Zoo(ZooSource(tmp_path / "ck")))
+    img = tmp_path / "x.png"
+    Image.fromarray((synthetic_xray(96) * 255).astype(np.uint8)).save(img)
+    probs = {r["name"]: r["probability"] for r in service.predict(img, "tiny").document["findings"]}
+    for finding in ("Effusion", "Hernia"):
+        _, doc = service.explain(img, "tiny", finding, "gradcam")
+        assert doc["finding"] == finding
+        assert doc["probability"] == pytest.approx(probs[finding], abs=1e-5)
+    _, doc = service.explain(img, "tiny", None, "gradcam")
+    assert doc["finding"] == max(probs, key=probs.get)
+    assert doc["probability"] == pytest.approx(max(probs.values()), abs=1e-5)

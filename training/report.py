@@ -161,7 +161,7 @@ def model_zoo_doc(checkpoints: Path = DEFAULT_CHECKPOINTS) -> str:
     if tsne:
         out += ["## t-SNE of penultimate features on the test images", "",
                 "Each point is a test image placed by t-SNE of the model's pooled penultimate features; colour is its "
-                "finding when it has exactly one (grey: several). Recompute with `python -m training.report --tsne`.", ""]
+                "finding when it has exactly one (grey: several; black cross: none). Recompute with `python -m training.report --tsne`.", ""]
         for card, meta in tsne:
             out += [f"### {card.name}", "", f"![t-SNE {card.name}](zoo/tsne-{card.name}.png)", "",
                     f"{meta['n_images']} images; perplexity {meta['perplexity']}; weights sha256 {meta['weights_sha256'][:12]}…", ""]
@@ -202,11 +202,15 @@ def compute_tsne(folder: Path, out_dir: Path = TSNE_DIR, data_root: Path | None 
         (f - f.mean(0)) / (f.std(0) + 1e-6))
     Y = np.stack([r.labels for r in records])
     fig, ax = plt.subplots(figsize=(7, 6), dpi=100)
-    several = Y.sum(1) != 1
-    ax.scatter(xy[several, 0], xy[several, 1], s=6, c="lightgrey", label=f"several findings ({several.sum()})")
+    n_pos = Y.sum(1)
+    none, several = n_pos == 0, n_pos > 1
+    if none.any():
+        ax.scatter(xy[none, 0], xy[none, 1], s=6, c="black", marker="x", linewidths=0.5, label=f"no finding ({none.sum()})")
+    if several.any():
+        ax.scatter(xy[several, 0], xy[several, 1], s=6, c="lightgrey", label=f"several findings ({several.sum()})")
     cmap = plt.get_cmap("tab20")
     for j, name in enumerate(card.label_names):
-        m = (~several) & (Y[:, j] == 1)
+        m = (n_pos == 1) & (Y[:, j] == 1)
         if m.any():
             ax.scatter(xy[m, 0], xy[m, 1], s=9, color=cmap(j % 20), label=f"{name} ({m.sum()})")
     ax.set(title=f"{card.name}: t-SNE of penultimate features, {card.task} test images", xticks=[], yticks=[])
