@@ -51,6 +51,13 @@ log = logging.getLogger(__name__)
 STATE_DIR = Path("runs")
 
 
+COVID3_SOURCES_CAUTION = (
+    "Each class comes from its own sources (COVID-19: several public collections; Normal: mostly renamed NIH "
+    "ChestX-ray14 images via RSNA; viral pneumonia: paediatric Kermany images), so the near-perfect AUROC can "
+    "come from telling sources apart (age, scanner, processing) rather than disease; not evidence of COVID-19 detection."
+)
+
+
 def augment(x: torch.Tensor, gen: torch.Generator, max_rot_deg: float = 7.0, scale: float = 0.1,
             translate: float = 0.06, jitter: float = 0.1, hflip: bool = False) -> torch.Tensor:
     """Small random rotation, scale, translation and brightness/contrast; horizontal flips only when
@@ -352,8 +359,7 @@ def main(argv: list[str] | None = None) -> Path:
             *(["NIH labels were mined from reports by NLP and are noisy; the model inherits their errors."]
               if args.task == "nih14" else []),
             *(["Paediatric images (1-5 years, one centre): not for adults."] if args.task.startswith("kermany") else []),
-            *(["COVID-19 and normal images come from different sources than the viral-pneumonia (paediatric) "
-               "images, so the model can separate them by source rather than disease."] if args.task == "covid3" else []),
+            *([COVID3_SOURCES_CAUTION] if args.task == "covid3" else []),
         ],
         data_source=task.data_source,
         init=init_text,
