@@ -252,13 +252,16 @@ def test_optuna_search_records_every_trial(train_env):
     from training.search import main as search_main
 
     data = make_fake_nih(train_env / "data")
-    record = search_main(["--study", "tiny", "--trials", "2", "--record-dir", str(train_env / "search"), "--",
+    record = search_main(["--study", "tiny", "--trials", "3", "--startup-trials", "2", "--record-dir", str(train_env / "search"), "--",
                           "--data-root", str(data), "--arch", "test_efficientnet", "--init", "random",
                           "--input-size", "32", "--epochs", "1", "--batch-size", "8", "--threads", "1"])
     saved = json.loads((train_env / "search" / "tiny.json").read_text())
-    assert saved == record and len(saved["trials"]) == 2
+    assert saved == record and len(saved["trials"]) == 3
     lrs = [t["params"]["lr"] for t in saved["trials"]]
-    assert lrs[0] != lrs[1] and all(1e-4 <= v <= 3e-3 for v in lrs)
+    assert len(set(lrs)) == 3 and all(1e-4 <= v <= 3e-3 for v in lrs)
+    # TPE takes over after the startup trials (Optuna's default would keep sampling at random for 10)
+    assert [t["sampled_by"] for t in saved["trials"]] == ["random (startup)", "random (startup)", "TPE"]
+    assert "n_startup_trials=2" in saved["sampler"]
     assert saved["best"]["val_macro_auroc"] == max(t["val_macro_auroc"] for t in saved["trials"])
     assert "--lr" in saved["best"]["command"]
     with pytest.raises(SystemExit, match="set by the search"):

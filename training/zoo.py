@@ -52,6 +52,7 @@ ZOO: dict[str, list[str]] = {
     "kermany2-efficientnet-lite0": ["--task", "kermany2", *SMALL_TASK],
     "kermany2-efficientnet-lite0-lungcrop": ["--task", "kermany2", *SMALL_TASK, "--crop", "lung"],
     "kermany3-efficientnet-lite0-lungcrop": ["--task", "kermany3", *SMALL_TASK, "--crop", "lung", "--loss", "focal"],
+    "kermany3-efficientnet-lite0": ["--task", "kermany3", *SMALL_TASK, "--loss", "focal"],
     "covid3-efficientnet-lite0": ["--task", "covid3", *SMALL_TASK],
     "nih14-efficientnet-lite1": [*NIH, "--arch", "tf_efficientnet_lite1", "--init", "imagenet", "--epochs", "8"],
 }
