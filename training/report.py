@@ -142,11 +142,34 @@ def model_zoo_doc(checkpoints: Path = DEFAULT_CHECKPOINTS) -> str:
     if retrain.is_file():
         runs = json.loads(retrain.read_text())["runs"]
         total = sum(r["wall_seconds"] for r in runs.values())
+        nih = [r["wall_seconds"] for n, r in runs.items() if n.startswith(("nih14-", "pretrain-"))]
         out += ["## Full CPU retrain", "",
-                f"`python -m training.zoo` trains the NIH zoo one model after another (training and evaluation). "
+                f"`python -m training.zoo` trains every entry one after another (training and evaluation): the NIH "
+                f"architectures, the pretraining comparison, the paediatric and COVID-19 models. "
                 f"Measured wall time of the runs recorded in [zoo-retrain.json](zoo-retrain.json): "
-                f"{total / 60:.0f} min for {len(runs)} models ({next(iter(runs.values()))['machine']}; measured while "
-                f"tests and other work shared the two cores, so an idle machine is faster).", ""]
+                f"{total / 60:.0f} min for {len(runs)} runs, of which NIH and pretraining {sum(nih) / 60:.0f} min for "
+                f"{len(nih)} runs ({next(iter(runs.values()))['machine']}; measured while tests and other work often "
+                f"shared the two cores, so an idle machine is faster).", ""]
+    searches = sorted((ROOT / "docs" / "search").glob("*.json"))
+    if searches:
+        out += ["## Hyperparameter searches (Optuna TPE, validation only)", "",
+                "Recorded by `python -m training.search`; the objective is the best validation macro AUROC of each "
+                "run. With ~200 validation images, differences of a few hundredths are within noise.", ""]
+        for path in searches:
+            rec = json.loads(path.read_text())
+            out += [f"### {rec['study']}", "", f"`{rec['sampler']}`, Optuna {rec['optuna']}; every trial: "
+                    f"`python -m training.train {' '.join(rec['train_args'])}` plus the sampled values. "
+                    f"Record: [{path.name}](search/{path.name}).", "",
+                    "| trial | sampled by | lr | weight decay | drop rate | val macro AUROC | best epoch / run | seconds |",
+                    "|---|---|---|---|---|---|---|---|"]
+            for t in rec["trials"]:
+                pr = t["params"]
+                out.append(f"| {t['number']} | {t.get('sampled_by', '?')} | {pr['lr']:.2e} | {pr['weight_decay']:.2e} | "
+                           f"{pr['drop_rate']:.2f} | {t['val_macro_auroc']:.3f} | {t['best_epoch']} / {t['epochs_run']} | "
+                           f"{t['seconds']} |")
+            if rec.get("best"):
+                out += ["", f"Best: trial {rec['best']['number']}; `{rec['best']['command']}`"]
+            out.append("")
     by_name = {c.name: (c, e) for _, c, e in entries}
     rows = [(label, by_name[n]) for label, n in PRETRAINING_ROWS if n in by_name and by_name[n][1]]
     if rows:
