@@ -185,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency-models", type=int, default=None,
                    help="how many models the concurrent clients spread over (default: the loaded-model cache size)")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--rss-bound-mib", type=float, default=2048.0,
+                   help="the server's peak RSS must stay under this (exit status 1 otherwise, or on any error)")
+    p.add_argument("--markdown", type=Path, default=None, help="also write the printed tables to this file")
     p.add_argument("--serve-noop", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_noop:
@@ -317,53 +320,67 @@ def main(argv: list[str] | None = None) -> int:
         proc.terminate()
         proc.wait(timeout=30)
 
-    print("| model | forward (ms) | fwd+bwd (ms) | in-process predict / explain (ms) | /predict median / p95 (ms) | "
+    lines: list[str] = []
+
+    def emit(text: str = "") -> None:
+        print(text)
+        lines.append(text)
+
+    emit(f"Serving benchmark: `python -m cxr_demo.bench` on {results['cpu_threads']} CPU threads, image "
+         f"{Path(image).name}, {args.requests} sequential requests per endpoint and model.\n")
+    emit("| model | forward (ms) | fwd+bwd (ms) | in-process predict / explain (ms) | /predict median / p95 (ms) | "
           "ratio to forward | /explain median / p95 (ms) | ratio to fwd+bwd |")
-    print("|---|---|---|---|---|---|---|---|")
+    emit("|---|---|---|---|---|---|---|---|")
     for name, r in results["models"].items():
-        print(f"| {name} | {r['forward_s'] * 1e3:.1f} | {r['forward_backward_s'] * 1e3:.1f} | "
+        emit(f"| {name} | {r['forward_s'] * 1e3:.1f} | {r['forward_backward_s'] * 1e3:.1f} | "
               f"{r['service_predict_s'] * 1e3:.0f} / {r['service_explain_s'] * 1e3:.0f} | "
               f"{r['predict_median_s'] * 1e3:.0f} / {r['predict_p95_s'] * 1e3:.0f} | {r['predict_ratio']:.2f} | "
               f"{r['explain_median_s'] * 1e3:.0f} / {r['explain_p95_s'] * 1e3:.0f} | {r['explain_ratio']:.2f} |")
-    print("\nWhere the end-to-end time goes (medians, ms; server phases from Gradio's own profiler, "
+    emit("\nWhere the end-to-end time goes (medians, ms; server phases from Gradio's own profiler, "
           "GRADIO_PROFILING=1): upload = the file's POST; fn = our handler (decode, model, CAM, overlay); "
           "pre/post = Gradio's (de)serialisation; rest = client, HTTP and event stream.")
-    print("\n| model | endpoint | end to end | upload | queue wait | Gradio pre | fn | Gradio post | rest |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    emit("\n| model | endpoint | end to end | upload | queue wait | Gradio pre | fn | Gradio post | rest |")
+    emit("|---|---|---|---|---|---|---|---|---|")
     for name, r in results["models"].items():
         for e in ("predict", "explain"):
             ph = r["server_phases_ms"][e]
             e2e = r[f"{e}_median_s"] * 1e3
             rest = e2e - ph["upload"] - ph["total"]
-            print(f"| {name} | /{e} | {e2e:.0f} | {ph['upload']:.0f} | {ph['queue_wait']:.0f} | {ph['preprocess']:.0f} | "
+            emit(f"| {name} | /{e} | {e2e:.0f} | {ph['upload']:.0f} | {ph['queue_wait']:.0f} | {ph['preprocess']:.0f} | "
                   f"{ph['fn_call']:.0f} | {ph['postprocess']:.0f} | {rest:.0f} |")
-    print("\nThe same requests over Gradio's plain HTTP API (upload, POST /gradio_api/call/<api>, read the event "
+    emit("\nThe same requests over Gradio's plain HTTP API (upload, POST /gradio_api/call/<api>, read the event "
           "stream; what curl does), without gradio_client:\n")
-    print("| model | /predict median / p95 (ms) | ratio to forward | /explain median / p95 (ms) | ratio to fwd+bwd |")
-    print("|---|---|---|---|---|")
+    emit("| model | /predict median / p95 (ms) | ratio to forward | /explain median / p95 (ms) | ratio to fwd+bwd |")
+    emit("|---|---|---|---|---|")
     for name, r in results["models"].items():
-        print(f"| {name} | {r['http_predict_median_s'] * 1e3:.0f} / {r['http_predict_p95_s'] * 1e3:.0f} | "
+        emit(f"| {name} | {r['http_predict_median_s'] * 1e3:.0f} / {r['http_predict_p95_s'] * 1e3:.0f} | "
               f"{r['http_predict_ratio']:.2f} | {r['http_explain_median_s'] * 1e3:.0f} / "
               f"{r['http_explain_p95_s'] * 1e3:.0f} | {r['http_explain_ratio']:.2f} |")
     g = results["gradio_noop"]
-    print(f"\nGradio round trip of a no-op endpoint taking the same upload (the transport's own cost): "
+    emit(f"\nGradio round trip of a no-op endpoint taking the same upload (the transport's own cost): "
           f"median {g['median_s'] * 1e3:.0f} ms, p95 {g['p95_s'] * 1e3:.0f} ms (server: upload "
           f"{g['server_phases_ms']['upload']:.0f} ms, handler total {g['server_phases_ms'].get('total', 0):.0f} ms); "
           f"over plain HTTP median {g['http_median_s'] * 1e3:.0f} ms, p95 {g['http_p95_s'] * 1e3:.0f} ms")
     c = results["concurrency"]
-    print(f"Concurrency: {c['clients']} clients x {c['requests_per_client']} requests ({c['mix']}) over "
+    emit(f"Concurrency: {c['clients']} clients x {c['requests_per_client']} requests ({c['mix']}) over "
           f"{', '.join(c['models'])}: "
           f"{c['errors']} errors, /predict p95 {c.get('predict_p95_s', float('nan')):.2f} s, "
           f"/explain p95 {c.get('explain_p95_s', float('nan')):.2f} s, server peak RSS {c['server_peak_rss_mib']:.0f} MiB, "
           f"wall {c['wall_s']:.0f} s")
+    within = c["server_peak_rss_mib"] <= args.rss_bound_mib
+    emit(f"Peak RSS bound {args.rss_bound_mib:.0f} MiB (at most {results['max_loaded_models']} models loaded, "
+         f"CXR_DEMO_MAX_LOADED_MODELS; 64 MiB of recently decoded uploads): {'kept' if within else 'EXCEEDED'}.")
     for e in c["error_examples"]:
-        print(f"  error: {e[:300]}")
+        emit(f"  error: {e[:300]}")
     cs = results["cold_start"]
-    print(f"Cold start: server answering after {cs['server_ready_s']:.1f} s, first /predict answered after "
+    emit(f"Cold start: server answering after {cs['server_ready_s']:.1f} s, first /predict answered after "
           f"{cs['total_s']:.1f} s")
+    results["concurrency"]["rss_bound_mib"] = args.rss_bound_mib
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
-    return 0
+    if args.markdown:
+        args.markdown.write_text("\n".join(lines) + "\n")
+    return 0 if within and c["errors"] == 0 else 1
 
 
 if __name__ == "__main__":

@@ -235,3 +235,21 @@ def test_upload_over_the_size_limit_is_refused_and_the_app_keeps_serving(client,
     ok = tmp_path / "ok.png"
     Image.fromarray((synthetic_xray(128) * 255).astype(np.uint8)).save(ok)
     assert client.predict(handle_file(str(ok)), model_name, "f1", api_name="/predict")[0]["findings"]
+
+
+@needs_nih
+def test_plain_http_api_as_curl_uses_it(live_app, model_name):
+    """The README's curl route (upload, POST /gradio_api/call/<api>, read the event stream) gives the same
+    document as gradio_client, and an error event carries the sentence."""
+    import httpx
+
+    from cxr_demo.bench import http_call
+
+    url = live_app if live_app.endswith("/") else live_app + "/"
+    with httpx.Client(timeout=120) as http:
+        doc, _html = http_call(http, url, "predict", BOXED, model_name, "f1")
+        assert doc["model"] == model_name and len(doc["findings"]) >= 2
+        _overlay, box_doc, _note = http_call(http, url, "explain", BOXED, model_name, "Atelectasis", "default", "", 0.5, 0.0)
+        assert 0.0 <= box_doc["iou"] <= 1.0
+        with pytest.raises(RuntimeError, match="Unknown model"):
+            http_call(http, url, "predict", BOXED, "../../etc/passwd", "f1")
