@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency-models", type=int, default=None,
                    help="how many models the concurrent clients spread over (default: the loaded-model cache size)")
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--rss-bound-mib", type=float, default=2048.0,
+    p.add_argument("--rss-bound-mib", type=float, default=3072.0,
                    help="the server's peak RSS must stay under this (exit status 1 otherwise, or on any error)")
     p.add_argument("--markdown", type=Path, default=None, help="also write the printed tables to this file")
     p.add_argument("--serve-noop", type=int, default=None, help=argparse.SUPPRESS)

@@ -9,18 +9,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from pytorch_grad_cam import (
-    AblationCAM,
-    EigenCAM,
-    GradCAM,
-    GradCAMPlusPlus,
-    HiResCAM,
-    LayerCAM,
-    ScoreCAM,
-    XGradCAM,
-)
-from pytorch_grad_cam.ablation_layer import AblationLayerVit
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from scipy import ndimage
 
 from cxr_demo.card import ModelCard
@@ -30,16 +18,26 @@ log = logging.getLogger(__name__)
 
 Box = tuple[float, float, float, float]  # x, y, w, h in pixels
 
-CAM_METHODS: dict[str, type] = {
-    "gradcam": GradCAM,
-    "gradcam++": GradCAMPlusPlus,
-    "hirescam": HiResCAM,
-    "eigencam": EigenCAM,
-    "xgradcam": XGradCAM,
-    "layercam": LayerCAM,
-    "scorecam": ScoreCAM,
-    "ablationcam": AblationCAM,
+# pytorch-grad-cam class per method; imported on first use (it pulls in OpenCV: ~2.5 s of the app's start).
+CAM_METHODS: dict[str, str] = {
+    "gradcam": "GradCAM",
+    "gradcam++": "GradCAMPlusPlus",
+    "hirescam": "HiResCAM",
+    "eigencam": "EigenCAM",
+    "xgradcam": "XGradCAM",
+    "layercam": "LayerCAM",
+    "scorecam": "ScoreCAM",
+    "ablationcam": "AblationCAM",
 }
+
+
+def cam_class(method: str) -> type:
+    """The pytorch-grad-cam class of a method name (a key of :data:`CAM_METHODS`)."""
+    import pytorch_grad_cam
+
+    return getattr(pytorch_grad_cam, CAM_METHODS[method])
+
+
 CAM_LABELS: dict[str, str] = {
     "gradcam": "Grad-CAM",
     "gradcam++": "Grad-CAM++",
@@ -91,9 +89,13 @@ def heatmap_and_logits(
     if reshape is not None and method == "ablationcam":
         # Token / channels-last activations: ablate the last dimension (pytorch-grad-cam's ViT layer
         # transposes channels to dim 1 and back, which also fits Swin's (B, H, W, C)).
+        from pytorch_grad_cam.ablation_layer import AblationLayerVit
+
         kwargs["ablation_layer"] = AblationLayerVit()
     x = input_tensor.detach().clone()  # a tensor born under inference_mode cannot take part in autograd
-    cam = CAM_METHODS[method](model=model, target_layers=[target], **kwargs)
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    cam = cam_class(method)(model=model, target_layers=[target], **kwargs)
     if method in {"scorecam", "ablationcam"}:
         cam.batch_size = 32
     # Not ``with cam:``: BaseCAM.__exit__ prints and swallows IndexError, hiding real failures.

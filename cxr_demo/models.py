@@ -7,7 +7,6 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-import timm
 import torch
 from safetensors.torch import load_file
 
@@ -84,6 +83,8 @@ def create_model(card: ModelCard) -> torch.nn.Module:
     args.setdefault("in_chans", 1)
     if card.architecture in LOCAL_ARCHITECTURES:
         return LOCAL_ARCHITECTURES[card.architecture](num_classes=card.num_classes, **args)
+    import timm  # here, not at import: it is ~3 s of the app's cold start, and the model loads on first use
+
     return timm.create_model(card.architecture, pretrained=False, num_classes=card.num_classes, **args)
 
 

@@ -62,9 +62,10 @@ class UploadStore:
 
     Gradio stores an upload under a folder named by the sha256 of its bytes, so two requests that send
     the same file at once share one path: the first to finish would delete the other's file. Decoded
-    uploads are therefore remembered in memory for ``recent_seconds`` (at most ``recent_bytes`` of
-    pixels, oldest dropped first), keyed by that content-addressed path; a request whose file is gone or
-    was just decoded reuses the decoded image instead of failing (or decoding it again).
+    uploads are therefore remembered in memory for ``recent_seconds`` after their last use (at most
+    ``recent_bytes`` of pixels, oldest dropped first), keyed by that content-addressed path; a request
+    whose file is gone or was just decoded reuses the decoded image instead of failing (or decoding it
+    again).
     """
 
     def __init__(self, service: DemoService, example_names: set[str], recent_bytes: int = 64 * 2**20,
@@ -96,12 +97,17 @@ class UploadStore:
             pass  # not empty or already gone
 
     def _recall(self, key: str) -> XRay | None:
+        """A remembered decoded upload; each use keeps it another ``recent_seconds`` (clients sending the
+        same file without pause keep deleting each other's copies, so it must outlive its first decode)."""
         now = time.monotonic()
         with self._lock:
             while self._recent and now - next(iter(self._recent.values()))[0] > self.recent_seconds:
                 self._recent.popitem(last=False)
-            hit = self._recent.get(key)
-            return None if hit is None else hit[1]
+            hit = self._recent.pop(key, None)
+            if hit is None:
+                return None
+            self._recent[key] = (now, hit[1])  # most recently used last
+            return hit[1]
 
     def _remember(self, key: str, xray: XRay) -> None:
         size = xray.pixels.nbytes

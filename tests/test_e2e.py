@@ -195,7 +195,7 @@ def test_simultaneous_requests_with_the_same_file_all_succeed(live_app, model_na
     assert list(Path(get_upload_folder()).rglob(same.name)) == []
 
 
-def test_upload_store_reuses_a_just_decoded_upload_and_forgets_it(tmp_path):
+def test_upload_store_reuses_a_just_decoded_upload_and_forgets_it(tmp_path, monkeypatch):
     """Unit view of the same: the second take of a deleted content-addressed path gets the decoded
     image while it is recent, and the sentence for a missing file once it is not."""
     from gradio.utils import get_upload_folder
@@ -213,10 +213,18 @@ def test_upload_store_reuses_a_just_decoded_upload_and_forgets_it(tmp_path):
     first = store.take(str(path), None)
     assert not path.exists() and store.recent_count() == 1
     assert store.take(str(path), None) is first
-    store.recent_seconds = 0.0
-    with pytest.raises(ImageInputError, match="could not be found"):
+    # each use keeps it another recent_seconds: alive 90 s after its decode when used at 50 s
+    import cxr_demo.ui as ui_module
+
+    now = ui_module.time.monotonic()
+    clock = iter([now + 50, now + 90, now + 151])
+    monkeypatch.setattr(ui_module.time, "monotonic", lambda: next(clock))
+    assert store.take(str(path), None) is first
+    assert store.take(str(path), None) is first
+    with pytest.raises(ImageInputError, match="could not be found"):  # 61 s after its last use
         store.take(str(path), None)
     assert store.recent_count() == 0
+    monkeypatch.undo()
     big = UploadStore(DemoService(Zoo(ZooSource(tmp_path))), set(), recent_bytes=100)
     path.parent.mkdir(exist_ok=True)
     Image.fromarray((synthetic_xray(64) * 255).astype(np.uint8)).save(path)
