@@ -149,7 +149,14 @@ def model_zoo_doc(checkpoints: Path = DEFAULT_CHECKPOINTS) -> str:
                 f"Measured wall time of the runs recorded in [zoo-retrain.json](zoo-retrain.json): "
                 f"{total / 60:.0f} min for {len(runs)} runs, of which NIH and pretraining {sum(nih) / 60:.0f} min for "
                 f"{len(nih)} runs ({next(iter(runs.values()))['machine']}; measured while tests and other work often "
-                f"shared the two cores, so an idle machine is faster).", ""]
+                f"shared the two cores, so an idle machine is faster)."]
+        from training.zoo import ZOO
+
+        untimed = [n for n in ZOO if n not in runs]
+        if untimed:
+            out.append(f"Not timed by `training.zoo` (trained before it existed, by the command in its card): "
+                       f"{', '.join(untimed)}.")
+        out.append("")
     searches = sorted((ROOT / "docs" / "search").glob("*.json"))
     if searches:
         out += ["## Hyperparameter searches (Optuna TPE, validation only)", "",
