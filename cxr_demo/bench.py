@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
           f"wall {c['wall_s']:.0f} s")
     within = c["server_peak_rss_mib"] <= args.rss_bound_mib
     emit(f"Peak RSS bound {args.rss_bound_mib:.0f} MiB (at most {results['max_loaded_models']} models loaded, "
-         f"CXR_DEMO_MAX_LOADED_MODELS; 64 MiB of recently decoded uploads): {'kept' if within else 'EXCEEDED'}.")
+         f"CXR_DEMO_MAX_LOADED_MODELS; 16 MiB of recently decoded uploads): {'kept' if within else 'EXCEEDED'}.")
     for e in c["error_examples"]:
         emit(f"  error: {e[:300]}")
     cs = results["cold_start"]

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp", ".webp", ".gif"]
 MAX_FILE_SIZE = "64mb"
+# Decoded uploads remembered for concurrent identical requests (see UploadStore): a bounded cache.
+RECENT_UPLOAD_BYTES = 16 * 2**20
+_now = time.monotonic  # the remembered uploads' clock (tests replace it)
 N_DEFAULT_EXAMPLES = 6
 
 
@@ -68,8 +71,8 @@ class UploadStore:
     again).
     """
 
-    def __init__(self, service: DemoService, example_names: set[str], recent_bytes: int = 64 * 2**20,
-                 recent_seconds: float = 60.0) -> None:
+    def __init__(self, service: DemoService, example_names: set[str],
+                 recent_bytes: int = RECENT_UPLOAD_BYTES, recent_seconds: float = 60.0) -> None:
         self.service = service
         self.example_names = example_names
         self.recent_bytes = recent_bytes
@@ -99,7 +102,7 @@ class UploadStore:
     def _recall(self, key: str) -> XRay | None:
         """A remembered decoded upload; each use keeps it another ``recent_seconds`` (clients sending the
         same file without pause keep deleting each other's copies, so it must outlive its first decode)."""
-        now = time.monotonic()
+        now = _now()
         with self._lock:
             while self._recent and now - next(iter(self._recent.values()))[0] > self.recent_seconds:
                 self._recent.popitem(last=False)
@@ -115,7 +118,7 @@ class UploadStore:
             return
         with self._lock:
             self._recent.pop(key, None)
-            self._recent[key] = (time.monotonic(), xray)
+            self._recent[key] = (_now(), xray)
             while sum(x.pixels.nbytes for _, x in self._recent.values()) > self.recent_bytes:
                 self._recent.popitem(last=False)
 

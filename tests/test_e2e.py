@@ -216,9 +216,9 @@ def test_upload_store_reuses_a_just_decoded_upload_and_forgets_it(tmp_path, monk
     # each use keeps it another recent_seconds: alive 90 s after its decode when used at 50 s
     import cxr_demo.ui as ui_module
 
-    now = ui_module.time.monotonic()
+    now = ui_module._now()
     clock = iter([now + 50, now + 90, now + 151])
-    monkeypatch.setattr(ui_module.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(ui_module, "_now", lambda: next(clock))
     assert store.take(str(path), None) is first
     assert store.take(str(path), None) is first
     with pytest.raises(ImageInputError, match="could not be found"):  # 61 s after its last use
