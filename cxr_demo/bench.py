@@ -63,6 +63,20 @@ def floor_times(zoo: Zoo, name: str, image: Path, repeats: int) -> dict[str, flo
     return {"forward_s": statistics.median(fwd), "forward_backward_s": statistics.median(fwd_bwd)}
 
 
+def latencies(call, repeats: int, warm: int = 1, after_warm=None) -> list[float]:
+    """Seconds of ``repeats`` calls of ``call`` after ``warm`` untimed ones (``after_warm`` runs between)."""
+    for _ in range(warm):
+        call()
+    if after_warm is not None:
+        after_warm()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def service_times(service, name: str, image: Path, repeats: int) -> dict[str, float]:
     """Median seconds of the app's own pipeline without Gradio: decode the file, preprocess, run the
     model (and the OOD check, or the CAM), build the result document and overlay."""
@@ -71,13 +85,7 @@ def service_times(service, name: str, image: Path, repeats: int) -> dict[str, fl
     out: dict[str, float] = {}
     for key, call in (("service_predict_s", lambda: service.predict(image, name, card.operating_points[0])),
                       ("service_explain_s", lambda: service.explain(image, name, label, "default"))):
-        call()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - t0)
-        out[key] = statistics.median(times)
+        out[key] = statistics.median(latencies(call, repeats))
     return out
 
 
@@ -193,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_noop:
         serve_noop(args.serve_noop)
         return 0
+    import httpx
     from gradio_client import Client, handle_file
 
     from cxr_demo.service import DemoService
@@ -207,23 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     noop_proc, _, noop_url = start_app(_free_port(), noop=True)
     try:
         c = Client(noop_url, verbose=False)
-        lat = []
-        for i in range(args.requests + 3):
-            t = time.perf_counter()
-            c.predict(handle_file(str(image)), api_name="/noop")
-            if i >= 3:
-                lat.append(time.perf_counter() - t)
-            if i == 2:
-                _profiling(noop_url, "clear")
-        import httpx
-
+        lat = latencies(lambda: c.predict(handle_file(str(image)), api_name="/noop"), args.requests, warm=3,
+                        after_warm=lambda: _profiling(noop_url, "clear"))
         with httpx.Client(timeout=60) as h:
-            hl = []
-            for i in range(args.requests + 3):
-                t = time.perf_counter()
-                http_call(h, noop_url, "noop", image)
-                if i >= 3:
-                    hl.append(time.perf_counter() - t)
+            hl = latencies(lambda: http_call(h, noop_url, "noop", image), args.requests, warm=3)
         results["gradio_noop"] = {"median_s": statistics.median(lat), "p95_s": _pct(lat, 95),
                                   "http_median_s": statistics.median(hl), "http_p95_s": _pct(hl, 95),
                                   "server_phases_ms": server_phases(_profiling(noop_url, "summary"))}
@@ -232,11 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         noop_proc.wait(timeout=30)
 
     proc, ready_s, url = start_app(_free_port())
+    http = httpx.Client(timeout=120)
     try:
         client = Client(url, verbose=False)
-        import httpx
-
-        http = httpx.Client(timeout=120)
         t0 = time.perf_counter()
         client.predict(handle_file(str(image)), zoo.names[0], "f1", api_name="/predict")
         first_predict = time.perf_counter() - t0
@@ -245,28 +239,18 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             floor = floor_times(zoo, name, image, args.requests)
             floor.update(service_times(service, name, image, args.requests))
-            lat: dict[str, list[float]] = {"predict": [], "explain": [], "http_predict": [], "http_explain": []}
-            phases: dict[str, dict[str, float]] = {}
-            label = zoo.card(name).label_names[0]
-            for endpoint, call in (
-                ("predict", lambda: client.predict(handle_file(str(image)), name, zoo.card(name).operating_points[0], api_name="/predict")),
-                ("explain", lambda: client.predict(handle_file(str(image)), name, label, "default", api_name="/explain")),
-            ):
-                call()  # warm
-                _profiling(url, "clear")
-                for _ in range(args.requests):
-                    t = time.perf_counter()
-                    call()
-                    lat[endpoint].append(time.perf_counter() - t)
-                phases[endpoint] = server_phases(_profiling(url, "summary"))
             card = zoo.card(name)
-            for endpoint, args_ in (("predict", (name, card.operating_points[0])),
-                                    ("explain", (name, label, "default", "", 0.5, 0.0))):
-                http_call(http, url, endpoint, image, *args_)  # warm
-                for _ in range(args.requests):
-                    t = time.perf_counter()
-                    http_call(http, url, endpoint, image, *args_)
-                    lat[f"http_{endpoint}"].append(time.perf_counter() - t)
+            label = card.label_names[0]
+            endpoint_args = {"predict": (name, card.operating_points[0]),
+                             "explain": (name, label, "default", "", 0.5, 0.0)}
+            lat: dict[str, list[float]] = {}
+            phases: dict[str, dict[str, float]] = {}
+            for endpoint, a in endpoint_args.items():
+                lat[endpoint] = latencies(lambda: client.predict(handle_file(str(image)), *a, api_name=f"/{endpoint}"),
+                                          args.requests, after_warm=lambda: _profiling(url, "clear"))
+                phases[endpoint] = server_phases(_profiling(url, "summary"))
+            for endpoint, a in endpoint_args.items():
+                lat[f"http_{endpoint}"] = latencies(lambda: http_call(http, url, endpoint, image, *a), args.requests)
             results["models"][name] = {
                 "server_phases_ms": phases,
                 **floor,
@@ -317,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             "server_peak_rss_mib": _peak_rss_mb(proc.pid),
         }
     finally:
+        http.close()
         proc.terminate()
         proc.wait(timeout=30)
 
