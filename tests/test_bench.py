@@ -1,0 +1,14 @@
+"""The serving benchmark's cold-start mode runs end to end (its timings are reported, not asserted)."""
+
+import re
+
+from cxr_demo.bench import DEFAULT_IMAGE, main
+
+
+def test_cold_start_mode_starts_the_app_and_answers_a_predict(capsys):
+    assert DEFAULT_IMAGE.is_file(), f"{DEFAULT_IMAGE} missing: ../shared/data is expected beside the project"
+    assert main(["--cold-start-only", "1"]) == 0
+    out = capsys.readouterr().out
+    m = re.search(r"page answering after ([\d.]+) s, first /predict \((\S+)\) answered after ([\d.]+) s", out)
+    assert m, out
+    assert 0 < float(m.group(1)) <= float(m.group(3))
