@@ -64,6 +64,20 @@ def floor_times(zoo: Zoo, name: str, image: Path, repeats: int) -> dict[str, flo
     return {"forward_s": statistics.median(fwd), "forward_backward_s": statistics.median(fwd_bwd)}
 
 
+def batch_floor(zoo: Zoo, name: str, image: Path, sizes: list[int], repeats: int) -> dict[int, float]:
+    """Median forward seconds per image when ``size`` copies of one preprocessed image go through the
+    model together: what batching concurrent requests (Gradio's ``batch=True``) could save at best."""
+    card = zoo.card(name)
+    model = zoo.model(name)
+    x = preprocess(read_xray(image).pixels, card)
+    out = {}
+    for size in sizes:
+        xb = x.expand(size, *x.shape[1:]).contiguous()
+        with torch.inference_mode():
+            out[size] = statistics.median(latencies(lambda: model(xb), repeats, warm=3)) / size
+    return out
+
+
 def latencies(call, repeats: int, warm: int = 1, after_warm=None) -> list[float]:
     """Seconds of ``repeats`` calls of ``call`` after ``warm`` untimed ones (``after_warm`` runs between)."""
     for _ in range(warm):
@@ -215,10 +229,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", type=Path, default=None, help="also write the printed tables to this file")
     p.add_argument("--cold-start-only", type=int, default=None, metavar="N",
                    help="only time N cold starts of app.py (page answering, first /predict answered) and exit")
+    p.add_argument("--batch-floor", type=int, nargs="+", default=None, metavar="SIZE",
+                   help="only time the forward pass per image at these batch sizes for each model and exit")
     p.add_argument("--serve-noop", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_noop:
         serve_noop(args.serve_noop)
+        return 0
+    if args.batch_floor:
+        zoo = Zoo()
+        print(f"Forward ms per image by batch size ({torch.get_num_threads()} CPU threads, median of {args.requests}):")
+        print("| model | " + " | ".join(f"batch {b}" for b in args.batch_floor) + " | best speed-up |")
+        print("|---|" + "---|" * (len(args.batch_floor) + 1))
+        for name in args.models or zoo.names:
+            per_image = batch_floor(zoo, name, args.image, args.batch_floor, args.requests)
+            cells = " | ".join(f"{per_image[b] * 1e3:.1f}" for b in args.batch_floor)
+            print(f"| {name} | {cells} | {per_image[args.batch_floor[0]] / min(per_image.values()):.2f}x |", flush=True)
         return 0
     if args.cold_start_only:
         model = (args.models or Zoo().names)[0]

@@ -41,6 +41,7 @@ ZOO: dict[str, list[str]] = {
     "nih14-mobilenetv3-large": [*NIH, "--arch", "mobilenetv3_large_100", "--init", "random", "--epochs", "12"],
     "nih14-densenet121": [*NIH, "--arch", "densenet121", "--init", "random", "--input-size", "160", "--epochs", "8"],
     "nih14-resnet50": [*NIH, "--arch", "resnet50", "--init", "random", "--input-size", "160", "--epochs", "8"],
+    "nih14-resnet34": [*NIH, "--arch", "resnet34", "--init", "random", "--input-size", "160", "--epochs", "8"],
     "nih14-vit-small": [*NIH, "--arch", "vit_small_patch16_224", "--init", "random", "--input-size", "160", "--epochs", "8",
                         "--lr", "5e-4", "--weight-decay", "0.05"],
     "pretrain-lite0-random": [*PRETRAIN, "--init", "random"],
