@@ -56,6 +56,7 @@ ZOO: dict[str, list[str]] = {
     "kermany3-efficientnet-lite0": ["--task", "kermany3", *SMALL_TASK, "--loss", "focal"],
     "covid3-efficientnet-lite0": ["--task", "covid3", *SMALL_TASK],
     "nih14-efficientnet-lite1": [*NIH, "--arch", "tf_efficientnet_lite1", "--init", "imagenet", "--epochs", "8"],
+    "nih14-efficientnet-lite2": [*NIH, "--arch", "tf_efficientnet_lite2", "--init", "imagenet", "--epochs", "8"],
 }
 
 
