@@ -26,7 +26,6 @@ import torch
 
 from cxr_demo.images import read_xray
 from cxr_demo.inference import preprocess
-from cxr_demo.ui import RECENT_UPLOAD_BYTES
 from cxr_demo.zoo import Zoo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,11 +42,14 @@ def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
+def _model_and_input(zoo: Zoo, name: str, image: Path) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The loaded model and ``image`` preprocessed for it (a batch of one)."""
+    return zoo.model(name), preprocess(read_xray(image).pixels, zoo.card(name))
+
+
 def floor_times(zoo: Zoo, name: str, image: Path, repeats: int) -> dict[str, float]:
     """Median forward and forward+backward seconds of one preprocessed image (no decoding, no UI)."""
-    card = zoo.card(name)
-    model = zoo.model(name)
-    x = preprocess(read_xray(image).pixels, card)
+    model, x = _model_and_input(zoo, name, image)
     fwd, fwd_bwd = [], []
     for i in range(repeats + 3):
         t0 = time.perf_counter()
@@ -67,9 +69,7 @@ def floor_times(zoo: Zoo, name: str, image: Path, repeats: int) -> dict[str, flo
 def batch_floor(zoo: Zoo, name: str, image: Path, sizes: list[int], repeats: int) -> dict[int, float]:
     """Median forward seconds per image when ``size`` copies of one preprocessed image go through the
     model together: what batching concurrent requests (Gradio's ``batch=True``) could save at best."""
-    card = zoo.card(name)
-    model = zoo.model(name)
-    x = preprocess(read_xray(image).pixels, card)
+    model, x = _model_and_input(zoo, name, image)
     out = {}
     for size in sizes:
         xb = x.expand(size, *x.shape[1:]).contiguous()
@@ -402,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
           f"/explain p95 {c.get('explain_p95_s', float('nan')):.2f} s, server peak RSS {c['server_peak_rss_mib']:.0f} MiB, "
           f"wall {c['wall_s']:.0f} s")
     within = c["server_peak_rss_mib"] <= args.rss_bound_mib
+    from cxr_demo.ui import RECENT_UPLOAD_BYTES  # imports gradio: only where the table needs it
     emit(f"Peak RSS bound {args.rss_bound_mib:.0f} MiB (at most {results['max_loaded_models']} models loaded, "
          f"CXR_DEMO_MAX_LOADED_MODELS; {RECENT_UPLOAD_BYTES // 2**20} MiB of recently decoded uploads): {'kept' if within else 'EXCEEDED'}.")
     for e in c["error_examples"]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,7 @@ def _growth_mib(client, tmp_path) -> tuple[float, int]:
     request, and the allocator churn of that alone is not what this test looks for."""
     models = [m for m in client.predict(api_name="/models") if m["task"] == "nih14"][:DEFAULT_MAX_LOADED]
     base = (synthetic_xray(1024) * 255).astype(np.uint8)
-    counter = iter(range(10**6))
+    counter = itertools.count()
 
     def fresh_upload() -> str:
         k = next(counter)
@@ -71,8 +72,9 @@ def _growth_mib(client, tmp_path) -> tuple[float, int]:
     for _ in range(ROUNDS):
         round_of_requests()
     grown = _live_rss_mib() - before
-    print(f"RSS {before:.0f} MiB, +{grown:.1f} MiB over {ROUNDS * 2 * len(models)} requests")
-    return grown, ROUNDS * 2 * len(models)
+    n_requests = ROUNDS * 2 * len(models)
+    print(f"RSS {before:.0f} MiB, +{grown:.1f} MiB over {n_requests} requests")
+    return grown, n_requests
 
 
 def test_rss_does_not_grow_with_requests(client, tmp_path):
