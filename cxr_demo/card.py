@@ -36,6 +36,10 @@ class CardError(ValueError):
     """A card is missing, malformed or does not match its weights."""
 
 
+class ChoiceError(ValueError):
+    """A request asks for an operating point, finding or heatmap method the model does not offer."""
+
+
 class EvalMetrics(BaseModel):
     """Headline metrics copied from the evaluation file next to the card."""
 
@@ -59,7 +63,7 @@ class ExplainDefaults(BaseModel):
 
     method: str
     layer: str
-    box_rule: dict[str, Any] = Field(description="fields of cxr_demo.explain.BoxRule")
+    box_rule: dict[str, Any] = Field(description="fields of cxr_demo.boxes.BoxRule")
     source_file: str = Field(description="study result the choice comes from, relative to the project root")
 
 
@@ -175,6 +179,11 @@ class ModelCard(BaseModel):
         }
 
 
+def checkpoint_folders(root: Path) -> list[Path]:
+    """Every checkpoint folder directly under ``root`` (a folder holding a card), sorted by name."""
+    return sorted(p.parent for p in Path(root).glob(f"*/{CARD_FILE}"))
+
+
 def read_card(folder: Path) -> ModelCard:
     """Parse ``folder/config.json`` into a :class:`ModelCard`.
 
@@ -187,7 +196,10 @@ def read_card(folder: Path) -> ModelCard:
     except FileNotFoundError as e:
         raise CardError(f"{path} is missing: every checkpoint folder needs a {CARD_FILE} card") from e
     except json.JSONDecodeError as e:
-        raise CardError(f"{path} is not valid JSON ({e}); regenerate it with training.export") from e
+        raise CardError(
+            f"{path} is not valid JSON ({e}); restore it from version control, or retrain the model with "
+            "python -m training.train, which writes the card"
+        ) from e
     try:
         return ModelCard.model_validate(raw)
     except ValidationError as e:

@@ -1,4 +1,5 @@
-"""Ground-truth boxes: the official NIH box list (matched by file name) or boxes a user types."""
+"""Ground truth and examples: the official NIH box list (matched by file name), boxes a user types, and
+the example films the app offers."""
 
 from __future__ import annotations
 
@@ -10,31 +11,44 @@ import re
 from collections import defaultdict
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cxr_demo.explain import Box
+from cxr_demo.images import IMAGE_SUFFIXES
 from cxr_demo.labels import NIH_BOX_LABEL_ALIASES
+from cxr_demo.paths import data_root
+
+if TYPE_CHECKING:  # the alias only; importing cxr_demo.boxes would pull in scipy
+    from cxr_demo.boxes import Box
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-NIH_BOX_FRAME = 1024.0
+NIH_BOX_FILE = "BBox_List_2017.csv"
+NIH_BOX_FRAME = 1024.0  # the official boxes are in the 1024 x 1024 frame of the released PNGs
+N_BOXED_EXAMPLES, N_UNBOXED_EXAMPLES = 4, 2
 
 
 class BoxInputError(ValueError):
     """A typed box cannot be parsed."""
 
 
+def nih_folder() -> Path:
+    """The NIH ChestX-ray14 folder of the shared data (official layout)."""
+    return data_root() / "nih14"
+
+
 def bbox_csv_path() -> Path | None:
-    """``CXR_DEMO_BBOX_CSV`` or ``../shared/data/nih14/BBox_List_2017.csv`` when present."""
+    """``CXR_DEMO_BBOX_CSV`` or the shared data's ``nih14/BBox_List_2017.csv``, when present."""
     env = os.environ.get("CXR_DEMO_BBOX_CSV")
-    path = Path(env) if env else DEFAULT_DATA / "nih14" / "BBox_List_2017.csv"
+    path = Path(env) if env else nih_folder() / NIH_BOX_FILE
     if path.is_dir():
-        path = path / "BBox_List_2017.csv"
+        path = path / NIH_BOX_FILE
     return path if path.is_file() else None
 
 
 @lru_cache(maxsize=4)
-def _read_box_csv(path: Path) -> dict[str, list[tuple[str, Box]]]:
+def read_box_list(path: Path) -> dict[str, list[tuple[str, Box]]]:
+    """An NIH-format box list: per image name, ``[(finding, (x, y, w, h) in the 1024 frame)]``, with the
+    box file's ``Infiltrate`` spelt as the label table's ``Infiltration``."""
     boxes: dict[str, list] = defaultdict(list)
     with open(path, newline="") as f:
         reader = csv.reader(f)
@@ -48,9 +62,10 @@ def _read_box_csv(path: Path) -> dict[str, list[tuple[str, Box]]]:
     return dict(boxes)
 
 
-def boxed_image_names(path: Path) -> list[str]:
-    """Sorted names of the images that have at least one box in an NIH-format box list."""
-    return sorted(_read_box_csv(path))
+def scale_boxes(boxes: list[tuple[str, Box]], width: int, height: int) -> list[tuple[str, Box]]:
+    """Official boxes from the 1024 frame to an image of ``width`` x ``height`` pixels."""
+    sx, sy = width / NIH_BOX_FRAME, height / NIH_BOX_FRAME
+    return [(f, (x * sx, y * sy, w * sx, h * sy)) for f, (x, y, w, h) in boxes]
 
 
 def nih_boxes_for(file_name: str, width: int, height: int, path: Path | None = None) -> list[tuple[str, Box]]:
@@ -58,9 +73,35 @@ def nih_boxes_for(file_name: str, width: int, height: int, path: Path | None = N
     path = path or bbox_csv_path()
     if path is None:
         return []
-    found = _read_box_csv(path).get(Path(file_name).name, [])
-    sx, sy = width / NIH_BOX_FRAME, height / NIH_BOX_FRAME
-    return [(f, (x * sx, y * sy, w * sx, h * sy)) for f, (x, y, w, h) in found]
+    return scale_boxes(read_box_list(path).get(Path(file_name).name, []), width, height)
+
+
+def boxed_findings(file_name: str) -> list[str]:
+    """Findings the NIH box list has boxes for on this file name (sorted; empty when none)."""
+    path = bbox_csv_path()
+    if not file_name or path is None:
+        return []
+    return sorted({f for f, _ in read_box_list(path).get(Path(file_name).name, [])})
+
+
+def default_examples(folder: str | Path | None = None) -> list[str]:
+    """Example images: ``CXR_DEMO_EXAMPLES`` (every image in it) or a few NIH official-test images of the
+    shared data, those with radiologist boxes first."""
+    folder = folder or os.environ.get("CXR_DEMO_EXAMPLES")
+    if folder:
+        folder = Path(folder)
+        return sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    images = nih_folder() / "images"
+    csv_path = bbox_csv_path()
+    test_list = nih_folder() / "test_list.txt"
+    if not images.is_dir() or csv_path is None:
+        return []
+    boxed = [images / n for n in sorted(read_box_list(csv_path)) if (images / n).is_file()]
+    test = set(test_list.read_text().split()) if test_list.is_file() else set()
+    boxed_names = {p.name for p in boxed}
+    unboxed = [images / n for n in sorted(test) if n not in boxed_names and (images / n).is_file()]
+    picks = boxed[:: max(1, len(boxed) // N_BOXED_EXAMPLES)][:N_BOXED_EXAMPLES] + unboxed[:N_UNBOXED_EXAMPLES]
+    return [str(p) for p in picks]
 
 
 _NUM = r"\s*(-?\d+(?:\.\d+)?)\s*"

@@ -21,6 +21,8 @@ MAX_PIXELS = 40_000_000  # about 6300 x 6300; digital radiographs are at most ~4
 MIN_SIDE = 32
 MAX_ASPECT = 4.0
 ACCEPTED = "PNG, JPEG or DICOM"
+# File suffixes the app accepts (Pillow formats and DICOM); the decoder looks at the content, not the name.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp", ".webp", ".gif")
 
 
 class ImageInputError(ValueError):
@@ -177,12 +179,15 @@ def _read_pillow(path: Path) -> XRay:
     return XRay(pixels=np.ascontiguousarray(pixels, dtype=np.float32), source_format=fmt, warnings=notes)
 
 
-def read_xray(path: str | Path) -> XRay:
+def read_xray(path: str | Path | None) -> XRay:
     """Decode an uploaded file into a grayscale radiograph.
 
     Raises:
-        ImageInputError: the file is empty, too big, not an image, damaged, or implausible.
+        ImageInputError: nothing was uploaded, or the file is empty, too big, not an image, damaged, or
+            implausible.
     """
+    if path is None or not str(path).strip():
+        raise ImageInputError("No image was uploaded; please choose a PNG, JPEG or DICOM chest X-ray.")
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -201,14 +206,23 @@ def read_xray(path: str | Path) -> XRay:
     return xray
 
 
-def resize_gray(pixels: np.ndarray, size: int, crop: tuple[float, float, float, float] | None = None) -> np.ndarray:
+Crop = tuple[float, float, float, float]  # top, bottom, left, right as fractions of the image
+
+
+def crop_rect(width: int, height: int, crop: Crop) -> tuple[int, int, int, int]:
+    """The pixel rectangle ``(x0, y0, x1, y1)`` (end exclusive) that a card's ``crop`` cuts from a
+    ``width`` x ``height`` image: used to crop the input and to place a heatmap back on the image."""
+    top, bottom, left, right = crop
+    return int(round(left * width)), int(round(top * height)), int(round(right * width)), int(round(bottom * height))
+
+
+def resize_gray(pixels: np.ndarray, size: int, crop: Crop | None = None) -> np.ndarray:
     """Crop (fractions top, bottom, left, right) then resize a float image to ``size`` x ``size``.
 
     The same function prepares training and inference inputs, so both see identical resampling.
     """
     if crop is not None:
-        h, w = pixels.shape
-        top, bottom, left, right = crop
-        pixels = pixels[int(round(top * h)) : int(round(bottom * h)), int(round(left * w)) : int(round(right * w))]
+        x0, y0, x1, y1 = crop_rect(pixels.shape[1], pixels.shape[0], crop)
+        pixels = pixels[y0:y1, x0:x1]
     im = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32))
     return np.asarray(im.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)

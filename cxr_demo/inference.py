@@ -1,4 +1,8 @@
-"""Preprocessing and probabilities, shared by the app and the training package."""
+"""Preprocessing and probabilities: one implementation for the app, evaluation and training.
+
+A single image goes through :func:`preprocess`; a cached uint8 batch (training's image cache) through
+:func:`normalise_batch`, :func:`predict_array` and :func:`feature_array`.
+"""
 
 from __future__ import annotations
 
@@ -16,9 +20,19 @@ def preprocess(pixels: np.ndarray, card: ModelCard) -> torch.Tensor:
     return x[None, None]
 
 
-def normalise_batch(batch_uint8: torch.Tensor, card: ModelCard) -> torch.Tensor:
-    """A (B, 1, S, S) uint8 batch (training cache) -> normalised float tensor."""
-    return (batch_uint8.float() / 255.0 - card.mean) / card.std
+def unit_batch(batch_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A (B, S, S) uint8 batch -> float (B, 1, S, S) in [0, 1] (training augments at this stage)."""
+    return torch.as_tensor(batch_uint8).float()[:, None] / 255.0
+
+
+def normalise(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """Standardise a [0, 1] batch with the card's one-channel mean and std."""
+    return (x - mean) / std
+
+
+def normalise_batch(batch_uint8: np.ndarray | torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """A (B, S, S) uint8 batch (training's image cache) -> normalised float (B, 1, S, S) tensor."""
+    return normalise(unit_batch(batch_uint8), mean, std)
 
 
 def logits_to_probabilities(logits: torch.Tensor, task_kind: str) -> torch.Tensor:
@@ -28,11 +42,45 @@ def logits_to_probabilities(logits: torch.Tensor, task_kind: str) -> torch.Tenso
     return torch.softmax(logits, dim=-1)
 
 
+def features_and_logits(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled penultimate features and logits from one forward pass of a timm classifier."""
+    feats = model.forward_head(model.forward_features(x), pre_logits=True)
+    return feats, model.get_classifier()(feats)
+
+
 def predict_probabilities(model: torch.nn.Module, card: ModelCard, x: torch.Tensor) -> np.ndarray:
     """Probabilities for a preprocessed batch, shape (B, num_classes)."""
     with torch.inference_mode():
         logits = model(x)
     return logits_to_probabilities(logits, card.task_kind).float().numpy()
+
+
+def _batches(model: torch.nn.Module, pixels: np.ndarray, mean: float, std: float, batch_size: int,
+             device: torch.device | None):
+    """Normalised channels-last batches of a cached uint8 array on the model's device."""
+    model.eval()
+    device = device or next(model.parameters()).device
+    for i in range(0, len(pixels), batch_size):
+        x = normalise_batch(pixels[i : i + batch_size], mean, std).to(device)
+        yield x.contiguous(memory_format=torch.channels_last)
+
+
+def predict_array(model: torch.nn.Module, pixels: np.ndarray, mean: float, std: float, task_kind: str,
+                  batch_size: int = 64, device: torch.device | None = None) -> np.ndarray:
+    """Probabilities for a cached uint8 array (N, S, S), shape (N, num_classes)."""
+    with torch.inference_mode():
+        out = [logits_to_probabilities(model(x).float(), task_kind).cpu().numpy()
+               for x in _batches(model, pixels, mean, std, batch_size, device)]
+    return np.concatenate(out)
+
+
+def feature_array(model: torch.nn.Module, pixels: np.ndarray, mean: float, std: float, batch_size: int = 64,
+                  device: torch.device | None = None) -> np.ndarray:
+    """Pooled penultimate features for a cached uint8 array (N, S, S), shape (N, num_features)."""
+    with torch.inference_mode():
+        out = [features_and_logits(model, x)[0].float().cpu().numpy()
+               for x in _batches(model, pixels, mean, std, batch_size, device)]
+    return np.concatenate(out)
 
 
 def findings_table(card: ModelCard, probs: np.ndarray, operating_point: str) -> list[dict]:

@@ -3,7 +3,8 @@
 A model's pooled penultimate features are whitened with a PCA fitted on its training images; the
 squared Mahalanobis distance in that space is the score, and the threshold is a high percentile of
 the validation images' scores (fitted by ``python -m training.ood``). One forward pass gives both
-the features and the logits, so the check costs nothing extra at predict time.
+the features and the logits (``cxr_demo.inference.features_and_logits``), so the check costs
+nothing extra at predict time.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors.numpy import load_file, save_file
 
 OOD_FILE = "ood.safetensors"
@@ -56,8 +56,3 @@ class OODDetector:
         variances = (s[:k] ** 2) / max(len(f) - 1, 1) + 1e-6
         return cls(mean, vt[:k].T, variances, float("inf"))
 
-
-def features_and_logits(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled penultimate features and logits from one forward pass of a timm classifier."""
-    feats = model.forward_head(model.forward_features(x), pre_logits=True)
-    return feats, model.get_classifier()(feats)

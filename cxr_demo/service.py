@@ -1,6 +1,7 @@
-"""What the app does, without the UI: predict and explain on an uploaded file.
+"""What the app does, without the UI: predict and explain on an already decoded radiograph.
 
-The Gradio layer (``cxr_demo.ui``) turns :class:`UserInputError` subclasses into ``gr.Error``.
+Uploads are decoded by ``cxr_demo.uploads``; the Gradio layer (``cxr_demo.ui``) turns the
+:data:`USER_ERRORS` into ``gr.Error``.
 """
 
 from __future__ import annotations
@@ -8,29 +9,18 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from cxr_demo.card import OPERATING_POINTS, ModelCard
-from cxr_demo.explain import (
-    CAM_METHODS,
-    DEFAULT_CAM_METHOD,
-    BoxRule,
-    best_match,
-    box_iobb,
-    box_iou,
-    heatmap_and_logits,
-    heatmap_to_boxes,
-    render_overlay,
-    resize_heatmap,
-)
+from cxr_demo.boxes import best_match, match_truth, predicted_boxes
+from cxr_demo.cam import explain_settings, heatmap_and_logits, resize_heatmap
+from cxr_demo.card import ChoiceError, ModelCard
 from cxr_demo.groundtruth import BoxInputError, nih_boxes_for, parse_boxes
-from cxr_demo.images import ImageInputError, XRay, read_xray
-from cxr_demo.inference import findings_table, logits_to_probabilities, preprocess
-from cxr_demo.ood import features_and_logits
+from cxr_demo.images import ImageInputError, XRay
+from cxr_demo.inference import features_and_logits, findings_table, logits_to_probabilities, preprocess
+from cxr_demo.overlay import render_overlay
 from cxr_demo.zoo import UnknownModelError, Zoo
 
 log = logging.getLogger(__name__)
@@ -38,14 +28,12 @@ log = logging.getLogger(__name__)
 LOW_PROBABILITY = 0.2
 OOD_WARNING = ("This image looks unlike the chest X-rays this model was trained on (out-of-distribution check); "
                "its findings may be meaningless.")
-MAX_BOXES = 3
-
-
-class ChoiceError(ValueError):
-    """An operating point, finding or CAM method the model does not offer."""
-
 
 USER_ERRORS: tuple[type[Exception], ...] = (ImageInputError, UnknownModelError, BoxInputError, ChoiceError)
+
+
+def _rounded(box) -> list[float]:
+    return [round(v, 1) for v in box]
 
 
 @dataclass
@@ -72,7 +60,8 @@ class DemoService:
         """Zoo entries for the ``/models`` endpoint, the default model first."""
         return [self.zoo.cards[name].summary_entry() for name in self.zoo.names]
 
-    def _operating_point(self, card: ModelCard, operating_point: str | None) -> str:
+    @staticmethod
+    def _operating_point(card: ModelCard, operating_point: str | None) -> str:
         ops = card.operating_points
         op = operating_point or ops[0]
         if card.task_kind == "multiclass":
@@ -83,12 +72,10 @@ class DemoService:
             )
         return op
 
-    def predict(self, path: str | Path | XRay | None, model_name: str, operating_point: str | None = None) -> Prediction:
-        """Probabilities, thresholds and flags for every finding of ``model_name``'s card (``path``: a file,
-        or an image already decoded by :meth:`read_upload`)."""
+    def predict(self, xray: XRay, model_name: str, operating_point: str | None = None) -> Prediction:
+        """Probabilities, thresholds and flags for every finding of ``model_name``'s card."""
         card = self.zoo.card(model_name)
         op = self._operating_point(card, operating_point)
-        xray = self.read_upload(path)
         x = preprocess(xray.pixels, card)
         warnings = list(xray.warnings)
         with self._model_lock:
@@ -107,18 +94,9 @@ class DemoService:
         }
         return Prediction(doc, xray, card)
 
-    @staticmethod
-    def read_upload(path: str | Path | XRay | None) -> XRay:
-        """Decode an upload (an :class:`XRay` passes through)."""
-        if isinstance(path, XRay):
-            return path
-        if path is None or (isinstance(path, str) and not path.strip()):
-            raise ImageInputError("No image was uploaded; please choose a PNG, JPEG or DICOM chest X-ray.")
-        return read_xray(path)
-
     def explain(
         self,
-        path: str | Path | XRay | None,
+        xray: XRay,
         model_name: str,
         finding: str | None = None,
         method: str | None = None,
@@ -135,24 +113,23 @@ class DemoService:
         is typed, from the NIH box list matched by the uploaded file's name.
         """
         card = self.zoo.card(model_name)
-        method, layer, rule = self.resolve_explain_settings(card, method, box_threshold)
+        settings = explain_settings(card, method, box_threshold)
         if not 0.0 <= float(opacity) <= 1.0:
             raise ChoiceError("Opacity must be between 0 and 1.")
         if finding and finding not in card.label_names:
             raise ChoiceError(
                 f"{card.name} has no finding {str(finding)[:40]!r}; choose one of: {', '.join(card.label_names)}."
             )
-        xray = self.read_upload(path)
         x = preprocess(xray.pixels, card)
         warnings = list(xray.warnings)
         with self._model_lock:
             model = self.zoo.model(card.name)
             requested = card.label_names.index(finding) if finding else None
-            heat, logits, index = heatmap_and_logits(model, card, x, requested, method, layer=layer)
+            heat, logits, index = heatmap_and_logits(model, card, x, requested, settings.method, layer=settings.layer)
         probs = logits_to_probabilities(logits.float(), card.task_kind)[0].numpy()
         finding = card.label_names[index]
         heat = resize_heatmap(heat, xray.width, xray.height, card.crop)
-        pred_boxes = heatmap_to_boxes(heat, rule=rule)[:MAX_BOXES]
+        pred_boxes = predicted_boxes(heat, settings.rule)
 
         typed = parse_boxes(ground_truth, xray.width, xray.height)
         source: str | None = None
@@ -182,54 +159,20 @@ class DemoService:
         doc = {
             "finding": finding,
             "probability": prob,
-            "method": method,
-            "layer": layer,
-            "box_rule": rule.describe(),
+            "method": settings.method,
+            "layer": settings.layer,
+            "box_rule": settings.rule.describe(),
             "image_size": [xray.width, xray.height],
-            "predicted_boxes": [[round(v, 1) for v in b] for b in pred_boxes],
-            "ground_truth_boxes": [[round(v, 1) for v in b] for b in truth],
+            "predicted_boxes": [_rounded(b) for b in pred_boxes],
+            "ground_truth_boxes": [_rounded(b) for b in truth],
             "ground_truth_source": source,
             "iou": iou,
             "iobb": iobb,
-            "per_box": [
-                {"ground_truth": [round(v, 1) for v in t],
-                 "iou": max((box_iou(p, t) for p in pred_boxes), default=0.0),
-                 "iobb": max((box_iobb(p, t) for p in pred_boxes), default=0.0)}
-                for t in truth
-            ],
+            "per_box": [{"ground_truth": _rounded(t), "iou": i, "iobb": b}
+                        for t, (i, b) in zip(truth, match_truth(pred_boxes, truth), strict=True)],
             "warnings": warnings,
         }
         return overlay, doc
 
-    @staticmethod
-    def resolve_explain_settings(card: ModelCard, method: str | None, box_threshold: float | None
-                                 ) -> tuple[str, str, BoxRule]:
-        """CAM method, layer and box rule for a request (``default`` = the card's studied choice)."""
-        method = (method or "default").strip().lower()
-        layer = card.cam_target_layer
-        tuned = BoxRule()
-        if card.explain_defaults is not None:
-            tuned = BoxRule(**card.explain_defaults.box_rule)
-        if method == "default":
-            if card.explain_defaults is not None:
-                method, layer = card.explain_defaults.method, card.explain_defaults.layer
-            else:
-                method = DEFAULT_CAM_METHOD
-        if method not in CAM_METHODS:
-            raise ChoiceError(f"Unknown heatmap method {method[:40]!r}; choose one of: {', '.join(CAM_METHODS)}, default.")
-        if box_threshold is None or float(box_threshold) == 0.0:
-            return method, layer, tuned
-        if not 0.05 <= float(box_threshold) <= 0.95:
-            raise ChoiceError("The box threshold must be 0 (the model's tuned rule) or between 0.05 and 0.95 of the "
-                              "heatmap's maximum.")
-        return method, layer, BoxRule(float(box_threshold), "relative", "largest", "rect")
 
-    def boxed_findings(self, path: str | Path | XRay | None, width: int, height: int) -> list[str]:
-        """Findings the NIH box list has for this file name (for pre-selecting one in the UI)."""
-        if not path:
-            return []
-        name = path.name if isinstance(path, XRay) else Path(str(path)).name
-        return sorted({f for f, _ in nih_boxes_for(name, width, height)})
-
-
-__all__ = ["DemoService", "Prediction", "USER_ERRORS", "OPERATING_POINTS"]
+__all__ = ["DemoService", "Prediction", "USER_ERRORS"]

@@ -2,154 +2,45 @@
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import logging
-import os
-import threading
-import time
-from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
-from gradio.utils import get_upload_folder
 
 from cxr_demo import INTENDED_USE
+from cxr_demo.cam import CAM_LABELS
 from cxr_demo.card import OPERATING_POINT_HELP, ModelCard
-from cxr_demo.explain import CAM_LABELS, PRED_COLOUR, TRUTH_COLOUR
-from cxr_demo.groundtruth import DEFAULT_DATA, bbox_csv_path, boxed_image_names
-from cxr_demo.images import XRay
+from cxr_demo.groundtruth import boxed_findings, default_examples
+from cxr_demo.images import IMAGE_SUFFIXES, XRay
+from cxr_demo.overlay import PRED_COLOUR, TRUTH_COLOUR
 from cxr_demo.service import USER_ERRORS, DemoService
+from cxr_demo.uploads import UploadStore
 from cxr_demo.zoo import Zoo
 
 log = logging.getLogger(__name__)
 
-UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp", ".webp", ".gif"]
+UPLOAD_TYPES = list(IMAGE_SUFFIXES)
 MAX_FILE_SIZE = "64mb"
-# Decoded uploads remembered for concurrent identical requests (see UploadStore): a bounded cache.
-RECENT_UPLOAD_BYTES = 16 * 2**20
-_now = time.monotonic  # the remembered uploads' clock (tests replace it)
-N_DEFAULT_EXAMPLES = 6
+MOST_PROBABLE = "(most probable)"
 
 
-def default_examples(folder: str | Path | None = None) -> list[str]:
-    """Example images: ``CXR_DEMO_EXAMPLES`` (every image in it) or a few NIH test images, boxed first."""
-    folder = folder or os.environ.get("CXR_DEMO_EXAMPLES")
-    if folder:
-        folder = Path(folder)
-        return sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in UPLOAD_TYPES) if folder.is_dir() else []
-    images = DEFAULT_DATA / "nih14" / "images"
-    csv_path = bbox_csv_path()
-    if not images.is_dir() or csv_path is None:
-        return []
-    boxed = [images / n for n in boxed_image_names(csv_path) if (images / n).is_file()]
-    test = set((DEFAULT_DATA / "nih14" / "test_list.txt").read_text().split()) if (DEFAULT_DATA / "nih14" / "test_list.txt").is_file() else set()
-    boxed_names = {p.name for p in boxed}
-    unboxed = [images / n for n in sorted(test) if n not in boxed_names and (images / n).is_file()]
-    picks = boxed[:: max(1, len(boxed) // 4)][:4] + unboxed[:2]
-    return [str(p) for p in picks]
+def user_errors_as_gr_error(fn: Callable) -> Callable:
+    """Turn the service's user errors into ``gr.Error`` carrying their sentence (API clients see exactly
+    that sentence); anything else is a bug and propagates."""
 
-
-def _error(e: Exception) -> gr.Error:
-    return gr.Error(str(e), title="Cannot analyse this input")
-
-
-class UploadStore:
-    """Takes uploads out of Gradio's cache as soon as they are decoded, so no radiograph stays on disk.
-
-    The decoded image lives on in the browser session's ``gr.State`` (the UI's predict, explain and
-    compare reuse it); an API call decodes its own upload and leaves nothing behind. Only files inside
-    Gradio's upload folder are deleted, never an example image's cached copy (clicking the example
-    again must work).
-
-    Gradio stores an upload under a folder named by the sha256 of its bytes, so two requests that send
-    the same file at once share one path: the first to finish would delete the other's file. Decoded
-    uploads are therefore remembered in memory for ``recent_seconds`` after their last use (at most
-    ``recent_bytes`` of pixels, oldest dropped first), keyed by that content-addressed path; a request
-    whose file is gone or was just decoded reuses the decoded image instead of failing (or decoding it
-    again).
-    """
-
-    def __init__(self, service: DemoService, example_names: set[str],
-                 recent_bytes: int = RECENT_UPLOAD_BYTES, recent_seconds: float = 60.0) -> None:
-        self.service = service
-        self.example_names = example_names
-        self.recent_bytes = recent_bytes
-        self.recent_seconds = recent_seconds
-        self._recent: OrderedDict[str, tuple[float, XRay]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def _upload_key(self, path: str) -> str | None:
-        """The resolved path of a file in Gradio's upload folder (content-addressed), else None."""
-        p = Path(path).resolve()
-        cache = Path(get_upload_folder()).resolve()
-        if cache not in p.parents or p.name in self.example_names:
-            return None
-        return str(p)
-
-    def discard(self, path: str | None) -> None:
-        """Delete an uploaded file (and its per-upload folder when empty) from Gradio's cache."""
-        if not path or self._upload_key(path) is None:
-            return
-        p = Path(path).resolve()
-        p.unlink(missing_ok=True)
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
         try:
-            p.parent.rmdir()  # Gradio puts each upload in a folder named by its hash
-        except OSError:
-            pass  # not empty or already gone
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:
+            raise gr.Error(str(e), title="Cannot analyse this input") from e
 
-    def _recall(self, key: str) -> XRay | None:
-        """A remembered decoded upload; each use keeps it another ``recent_seconds`` (clients sending the
-        same file without pause keep deleting each other's copies, so it must outlive its first decode)."""
-        now = _now()
-        with self._lock:
-            while self._recent and now - next(iter(self._recent.values()))[0] > self.recent_seconds:
-                self._recent.popitem(last=False)
-            hit = self._recent.pop(key, None)
-            if hit is None:
-                return None
-            self._recent[key] = (now, hit[1])  # most recently used last
-            return hit[1]
-
-    def _remember(self, key: str, xray: XRay) -> None:
-        size = xray.pixels.nbytes
-        if size > self.recent_bytes:
-            return
-        with self._lock:
-            self._recent.pop(key, None)
-            self._recent[key] = (_now(), xray)
-            while sum(x.pixels.nbytes for _, x in self._recent.values()) > self.recent_bytes:
-                self._recent.popitem(last=False)
-
-    def recent_count(self) -> int:
-        """How many decoded uploads are remembered (for tests and monitoring)."""
-        with self._lock:
-            return len(self._recent)
-
-    def take(self, path: str | None, state: XRay | None) -> XRay:
-        """The image to analyse: a fresh upload (decoded, then deleted), else the session's decoded one.
-
-        Raises:
-            ImageInputError: nothing uploaded, or the file is not a readable chest X-ray.
-        """
-        key = self._upload_key(path) if path else None
-        if key is not None:
-            recent = self._recall(key)
-            if recent is not None:
-                self.discard(path)
-                return recent
-        if path and Path(path).is_file():
-            try:
-                xray = self.service.read_upload(path)
-                if key is not None:
-                    self._remember(key, xray)
-                return xray
-            finally:
-                self.discard(path)
-        if state is not None and (not path or Path(path).name == state.name):
-            return state
-        return self.service.read_upload(path)  # raises the sentence for a missing upload
+    return wrapper
 
 
 def findings_html(doc: dict[str, Any]) -> str:
@@ -234,112 +125,126 @@ def card_markdown(card: ModelCard, eval_path: Path | None) -> str:
     return "\n".join(out)
 
 
-def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.Blocks:
-    """Build the app. ``zoo`` defaults to the configured zoo (local checkpoints or the Hub)."""
-    zoo = zoo or Zoo()
-    service = DemoService(zoo)
-    names = zoo.names
-    default_model = names[0] if names else None
-    examples = default_examples() if examples is None else examples
-    store = UploadStore(service, {Path(p).name for p in examples})
+class Handlers:
+    """The app's event handlers: Gradio values in, Gradio values out, user errors as ``gr.Error``.
 
-    def model_info(name: str | None):
-        if not name or name not in zoo.cards:
+    Every handler that takes an image takes the upload's path and the session's decoded image
+    (``gr.State``); :class:`UploadStore` decides which one to analyse. They can be called without a
+    browser or a server.
+    """
+
+    def __init__(self, zoo: Zoo, examples: list[str]) -> None:
+        self.zoo = zoo
+        self.service = DemoService(zoo)
+        self.store = UploadStore({Path(p).name for p in examples})
+
+    def model_info(self, name: str | None):
+        """Summary, operating points, findings and card of the chosen model."""
+        if not name or name not in self.zoo.cards:
             return "", gr.update(), gr.update(), ""
-        card = zoo.cards[name]
+        card = self.zoo.cards[name]
         ops = card.operating_points
         return (
             f"**{card.summary}**  \n{INTENDED_USE}",
             gr.update(choices=ops, value=ops[0]),
-            gr.update(choices=["(most probable)"] + card.label_names, value="(most probable)"),
-            card_markdown(card, zoo.folders[name] / "eval.json"),
+            gr.update(choices=[MOST_PROBABLE] + card.label_names, value=MOST_PROBABLE),
+            card_markdown(card, self.zoo.eval_file(name)),
         )
 
-    def on_upload(path: str | None, model_name: str | None, state: XRay | None):
+    @user_errors_as_gr_error
+    def on_upload(self, path: str | None, model_name: str | None, state: XRay | None):
+        """Decode a new upload: preview, the finding the radiologist boxed, a note, the session's image."""
         if not path:
             return None, gr.update(), "", None
-        try:
-            xray = store.take(path, state)
-        except USER_ERRORS as e:
-            raise _error(e) from e
-        boxed = service.boxed_findings(xray, xray.width, xray.height)
+        xray = self.store.take(path, state)
+        boxed = boxed_findings(xray.name)
         note = f"{xray.source_format}, {xray.width} x {xray.height} px."
         if boxed:
             note += f" Radiologist boxes available for: {', '.join(boxed)}."
         note += "".join(f"  \n&#9888; {w}" for w in xray.warnings)
         update = gr.update()
-        if boxed and model_name in zoo.cards and boxed[0] in zoo.cards[model_name].label_names:
+        if boxed and model_name in self.zoo.cards and boxed[0] in self.zoo.cards[model_name].label_names:
             update = gr.update(value=boxed[0])
         return xray.to_uint8(), update, note, xray
 
-    def models_api() -> list[dict]:
+    def models_api(self) -> list[dict]:
         """Every zoo entry: name, task, label names, operating points and headline metrics."""
-        return service.models()
+        return self.service.models()
 
-    def predict(path: str | None, model_name: str, operating_point: str, state: XRay | None = None) -> tuple[dict, str]:
+    @user_errors_as_gr_error
+    def predict(self, path: str | None, model_name: str, operating_point: str, state: XRay | None = None
+                ) -> tuple[dict, str]:
         """Probability, threshold and flag for every finding of the chosen model."""
-        try:
-            pred = service.predict(store.take(path, state), model_name, operating_point)
-        except USER_ERRORS as e:
-            raise _error(e) from e
+        pred = self.service.predict(self.store.take(path, state), model_name, operating_point)
         return pred.document, findings_html(pred.document)
 
-    def explain(path: str | None, model_name: str, finding: str | None, method: str, ground_truth_box: str = "",
+    @user_errors_as_gr_error
+    def explain(self, path: str | None, model_name: str, finding: str | None, method: str, ground_truth_box: str = "",
                 opacity: float = 0.5, box_threshold: float = 0.0, state: XRay | None = None):
         """Heatmap overlay for one finding, its box, and IoU/IoBB against ground truth when there is one."""
-        if finding in ("", "(most probable)"):
+        if finding in ("", MOST_PROBABLE):
             finding = None
-        try:
-            overlay, doc = service.explain(store.take(path, state), model_name, finding, method, ground_truth_box,
-                                           opacity, box_threshold)
-        except USER_ERRORS as e:
-            raise _error(e) from e
-        lines = [f"**{doc['finding']}** (p = {doc['probability']:.3f}), {CAM_LABELS[doc['method']]} at `{doc['layer']}`, "
-                 f"box: {doc['box_rule']}; "
-                 f"<span style='color:rgb{PRED_COLOUR}'>&#9632;</span> model's box, "
-                 f"<span style='color:rgb{TRUTH_COLOUR}'>&#9632;</span> radiologist's box."]
-        if doc["iou"] is not None:
-            lines.append(f"**IoU {doc['iou']:.3f}**, IoBB {doc['iobb']:.3f} (ground truth: {doc['ground_truth_source']}).")
-            for i, b in enumerate(doc["per_box"], 1):
-                lines.append(f"- box {i} {b['ground_truth']}: IoU {b['iou']:.3f}, IoBB {b['iobb']:.3f}")
-        else:
-            lines.append("No ground truth for this finding: no IoU.")
-        lines += [f"&#9888; {w}" for w in doc["warnings"]]
-        return overlay, doc, "  \n".join(lines)
+        overlay, doc = self.service.explain(self.store.take(path, state), model_name, finding, method,
+                                            ground_truth_box, opacity, box_threshold)
+        return overlay, doc, explain_markdown(doc)
 
-    def compare(path: str | None, operating_point: str, state: XRay | None = None,
+    @user_errors_as_gr_error
+    def compare(self, path: str | None, operating_point: str, state: XRay | None = None,
                 progress=gr.Progress()) -> tuple[str, dict]:
         """Every zoo model on the same image, probabilities side by side."""
+        xray = self.store.take(path, state)
         results = {}
-        try:
-            xray = store.take(path, state)
-        except USER_ERRORS as e:
-            raise _error(e) from e
-        for name in progress.tqdm(names, desc="Running every model"):
-            card = zoo.cards[name]
+        for name in progress.tqdm(self.zoo.names, desc="Running every model"):
+            card = self.zoo.cards[name]
             op = operating_point if operating_point in card.operating_points else card.operating_points[0]
-            try:
-                results[name] = service.predict(xray, name, op).document
-            except USER_ERRORS as e:
-                raise _error(e) from e
-        labels: list[str] = []
+            results[name] = self.service.predict(xray, name, op).document
+        return compare_html(results), {"operating_point": operating_point, "results": results}
+
+
+def explain_markdown(doc: dict[str, Any]) -> str:
+    """The explain result in words: finding, method, box rule, IoU per ground-truth box, warnings."""
+    lines = [f"**{doc['finding']}** (p = {doc['probability']:.3f}), {CAM_LABELS[doc['method']]} at `{doc['layer']}`, "
+             f"box: {doc['box_rule']}; "
+             f"<span style='color:rgb{PRED_COLOUR}'>&#9632;</span> model's box, "
+             f"<span style='color:rgb{TRUTH_COLOUR}'>&#9632;</span> radiologist's box."]
+    if doc["iou"] is not None:
+        lines.append(f"**IoU {doc['iou']:.3f}**, IoBB {doc['iobb']:.3f} (ground truth: {doc['ground_truth_source']}).")
+        for i, b in enumerate(doc["per_box"], 1):
+            lines.append(f"- box {i} {b['ground_truth']}: IoU {b['iou']:.3f}, IoBB {b['iobb']:.3f}")
+    else:
+        lines.append("No ground truth for this finding: no IoU.")
+    lines += [f"&#9888; {w}" for w in doc["warnings"]]
+    return "  \n".join(lines)
+
+
+def compare_html(results: dict[str, dict]) -> str:
+    """Findings as rows, models as columns; a value that passes its model's threshold is bold."""
+    labels: list[str] = []
+    for doc in results.values():
+        labels += [r["name"] for r in doc["findings"] if r["name"] not in labels]
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in results)
+    body = []
+    for lab in labels:
+        cells = []
         for doc in results.values():
-            labels += [r["name"] for r in doc["findings"] if r["name"] not in labels]
-        head = "".join(f"<th>{html.escape(n)}</th>" for n in results)
-        body = []
-        for lab in labels:
-            cells = []
-            for doc in results.values():
-                row = next((r for r in doc["findings"] if r["name"] == lab), None)
-                if row is None:
-                    cells.append("<td>—</td>")
-                else:
-                    style = "font-weight:bold;color:#d9480f" if row["positive"] else ""
-                    cells.append(f"<td style='text-align:right;{style}'>{row['probability']:.3f}</td>")
-            body.append(f"<tr><td>{html.escape(lab)}</td>{''.join(cells)}</tr>")
-        table = (f"<table style='width:100%'><thead><tr><th>finding</th>{head}</tr></thead><tbody>{''.join(body)}"
-                 "</tbody></table><p>Bold = passes that model's threshold.</p>")
-        return table, {"operating_point": operating_point, "results": results}
+            row = next((r for r in doc["findings"] if r["name"] == lab), None)
+            if row is None:
+                cells.append("<td>—</td>")
+            else:
+                style = "font-weight:bold;color:#d9480f" if row["positive"] else ""
+                cells.append(f"<td style='text-align:right;{style}'>{row['probability']:.3f}</td>")
+        body.append(f"<tr><td>{html.escape(lab)}</td>{''.join(cells)}</tr>")
+    return (f"<table style='width:100%'><thead><tr><th>finding</th>{head}</tr></thead><tbody>{''.join(body)}"
+            "</tbody></table><p>Bold = passes that model's threshold.</p>")
+
+
+def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.Blocks:
+    """Build the app. ``zoo`` defaults to the configured zoo (local checkpoints or the Hub)."""
+    zoo = zoo or Zoo()
+    names = zoo.names
+    default_model = names[0] if names else None
+    examples = default_examples() if examples is None else examples
+    handlers = Handlers(zoo, examples)
 
     # Uploads are deleted as soon as they are decoded (UploadStore); generated overlays are deleted from
     # Gradio's cache after 10 minutes (checked every 5).
@@ -371,7 +276,7 @@ def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.
                         findings_json = gr.JSON(label="predict result")
                 with gr.Tab("Heatmap"):
                     with gr.Row():
-                        finding = gr.Dropdown(["(most probable)"], value="(most probable)", label="Finding",
+                        finding = gr.Dropdown([MOST_PROBABLE], value=MOST_PROBABLE, label="Finding",
                                               allow_custom_value=True)
                         method = gr.Dropdown([("default (chosen by the localisation study)", "default")]
                                              + [(CAM_LABELS[k], k) for k in CAM_LABELS],
@@ -392,22 +297,22 @@ def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.
                         explain_json = gr.JSON(label="explain result")
                 with gr.Tab("Compare models"):
                     compare_btn = gr.Button("Run every model on this image")
-                    compare_html = gr.HTML()
+                    compare_table = gr.HTML()
                     compare_json = gr.JSON(visible=False)
                 with gr.Tab("Model card"):
                     card_md = gr.Markdown()
 
-        model.change(model_info, [model], [model_summary, op, finding, card_md], api_visibility="private")
-        demo.load(model_info, [model], [model_summary, op, finding, card_md], api_visibility="private")
-        upload.change(on_upload, [upload, model, image_state], [preview, finding, image_note, image_state],
+        model.change(handlers.model_info, [model], [model_summary, op, finding, card_md], api_visibility="private")
+        demo.load(handlers.model_info, [model], [model_summary, op, finding, card_md], api_visibility="private")
+        upload.change(handlers.on_upload, [upload, model, image_state], [preview, finding, image_note, image_state],
                       api_visibility="private")
-        gr.api(models_api, api_name="models")
-        predict_btn.click(predict, [upload, model, op, image_state], [findings_json, findings], api_name="predict",
+        gr.api(handlers.models_api, api_name="models")
+        predict_btn.click(handlers.predict, [upload, model, op, image_state], [findings_json, findings], api_name="predict",
                           concurrency_id="model", concurrency_limit=1)
-        explain_btn.click(explain, [upload, model, finding, method, gt_box, opacity, box_threshold, image_state],
+        explain_btn.click(handlers.explain, [upload, model, finding, method, gt_box, opacity, box_threshold, image_state],
                           [overlay, explain_json, explain_note], api_name="explain", concurrency_id="model",
                           concurrency_limit=1)
-        compare_btn.click(compare, [upload, op, image_state], [compare_html, compare_json], api_name="compare",
+        compare_btn.click(handlers.compare, [upload, op, image_state], [compare_table, compare_json], api_name="compare",
                           concurrency_id="model", concurrency_limit=1)
     return demo
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from cxr_demo.card import CARD_FILE, EVAL_FILE, WEIGHTS_FILE, CardError, ModelCard, read_card
+from cxr_demo.card import CARD_FILE, EVAL_FILE, WEIGHTS_FILE, CardError, ModelCard, checkpoint_folders, read_card
 from cxr_demo.models import WeightsError, load_weights, sha256_file
 from cxr_demo.ood import OODDetector
+from cxr_demo.paths import DEFAULT_CHECKPOINTS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
 DEFAULT_MAX_LOADED = 3
 
 
@@ -83,7 +83,7 @@ class Zoo:
         self.folders: dict[str, Path] = {}
         self.problems: dict[str, str] = {}
         root = _hub_snapshot(self.source.hub_repo, self.source.hub_revision) if self.source.hub_repo else self.source.local_dir
-        for folder in sorted(p.parent for p in Path(root).glob(f"*/{CARD_FILE}")):
+        for folder in checkpoint_folders(root):
             try:
                 card = read_card(folder)
             except CardError as e:
@@ -176,4 +176,5 @@ class Zoo:
             return list(self._loaded)
 
     def eval_file(self, name: str) -> Path:
+        """The model's evaluation file (``eval.json``; it may not exist for an unevaluated model)."""
         return self.folders[self.card(name).name] / EVAL_FILE

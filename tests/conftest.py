@@ -30,7 +30,7 @@ def pytest_configure(config):
 def live_app():
     """The real app (committed checkpoints, default examples) served on 127.0.0.1; yields its URL."""
     from cxr_demo.ui import build_demo, launch_kwargs
-    from cxr_demo.zoo import Zoo, ZooSource, DEFAULT_CHECKPOINTS
+    from cxr_demo.zoo import DEFAULT_CHECKPOINTS, Zoo, ZooSource
 
     zoo = Zoo(ZooSource(DEFAULT_CHECKPOINTS))
     assert zoo.names, "no committed checkpoint under checkpoints/"

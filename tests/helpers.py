@@ -1,8 +1,10 @@
-"""Builders for offline test fixtures: tiny checkpoints and synthetic radiograph-like images."""
+"""Builders for offline test fixtures (tiny checkpoints, synthetic radiograph-like images, fake data
+layouts) and the plain-HTTP client the README documents."""
 
 from __future__ import annotations
 
 import csv
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -13,12 +15,13 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from cxr_demo.cam import default_cam_layer
 from cxr_demo.card import OPERATING_POINTS, WEIGHTS_FILE, ModelCard, write_card
+from cxr_demo.groundtruth import nih_folder
 from cxr_demo.labels import NIH14_LABELS
-from cxr_demo.models import default_cam_layer, sha256_file
+from cxr_demo.models import sha256_file
 
-SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-NIH = SHARED_DATA / "nih14"
+NIH = nih_folder()
 
 
 def make_checkpoint(root: Path, name: str = "tiny", arch: str = "test_efficientnet",
@@ -121,3 +124,30 @@ def make_fake_kermany_covid(root, per_class=8, size=64):
         save(root / "covid19" / "COVID" / f"COVID-{i}.jpg", 0.3)
         save(root / "covid19" / "Normal" / f"Normal-{i}.jpg", 0.0)
     return root
+
+
+def http_call(http, url: str, api_name: str, image: Path, *args) -> list:
+    """One request over Gradio's plain HTTP API, as ``curl`` would make it: upload the file, POST the call,
+    read the server-sent events until ``complete`` (and fetch a returned image, as gradio_client does).
+    No client library: this separates what gradio_client adds from what the server takes."""
+    with open(image, "rb") as f:
+        r = http.post(url + "gradio_api/upload", files={"files": (image.name, f)})
+    r.raise_for_status()
+    file = {"path": r.json()[0], "meta": {"_type": "gradio.FileData"}}
+    r = http.post(f"{url}gradio_api/call/{api_name}", json={"data": [file, *args]})
+    r.raise_for_status()
+    event = r.json()["event_id"]
+    kind, data = None, None
+    with http.stream("GET", f"{url}gradio_api/call/{api_name}/{event}") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                kind = line[6:].strip()
+            elif line.startswith("data:") and kind in ("complete", "error"):
+                data = json.loads(line[5:]) if kind == "complete" else line[5:]
+                break
+    if kind != "complete":
+        raise RuntimeError(f"{api_name}: {data}")
+    for out in data:
+        if isinstance(out, dict) and out.get("url"):
+            http.get(out["url"]).raise_for_status()
+    return data

@@ -55,7 +55,7 @@ def test_upload_predict_explain_in_chromium(live_app, tmp_path):
             # Predict and explain ran on the session's decoded image: the upload itself is gone from disk.
             from gradio.utils import get_upload_folder
 
-            from cxr_demo.ui import default_examples
+            from cxr_demo.groundtruth import default_examples
 
             if image.name not in {Path(p).name for p in default_examples()}:
                 assert not list(Path(get_upload_folder()).rglob(image.name))

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +15,27 @@ from tests.helpers import NIH, png_declaring, synthetic_xray
 
 BOXED = NIH / "images" / "00013118_008.png"  # official box: Atelectasis
 needs_nih = pytest.mark.skipif(not BOXED.is_file(), reason="../shared/data/nih14 is not present")
+
+
+def _overlap(a, b) -> tuple[float, float]:
+    """IoU and IoBB of two [x, y, w, h] boxes, written out here independently of the app's code."""
+    iw = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter), inter / (b[2] * b[3])
+
+
+def assert_overlap_matches_the_boxes(doc: dict) -> None:
+    """The IoU/IoBB an /explain document reports are those of the boxes it returns (best predicted box
+    per ground-truth box; boxes are rounded to 0.1 px in the document, hence the tolerance)."""
+    pred, truth = doc["predicted_boxes"], doc["ground_truth_boxes"]
+    assert pred and truth and len(doc["per_box"]) == len(truth)
+    for t, row in zip(truth, doc["per_box"], strict=True):
+        assert row["ground_truth"] == t
+        assert row["iou"] == pytest.approx(max(_overlap(p, t)[0] for p in pred), abs=0.01)
+        assert row["iobb"] == pytest.approx(max(_overlap(p, t)[1] for p in pred), abs=0.01)
+    assert doc["iou"] == pytest.approx(max(_overlap(p, t)[0] for p in pred for t in truth), abs=0.01)
+    assert doc["iobb"] == pytest.approx(max(_overlap(p, t)[1] for p in pred for t in truth), abs=0.01)
 
 
 def test_models_lists_the_zoo(client):
@@ -60,7 +81,7 @@ def test_explain_with_nih_ground_truth(client, model_name):
     assert len(doc["ground_truth_boxes"]) == 1 and len(doc["predicted_boxes"]) == 1
     # the official box (225, 547, 87, 79) in the 1024 frame, scaled to the 384 px image
     assert doc["ground_truth_boxes"][0] == pytest.approx([84.4, 205.1, 32.5, 29.7], abs=0.1)
-    assert 0.0 <= doc["iou"] <= 1.0 and 0.0 <= doc["iobb"] <= 1.0
+    assert_overlap_matches_the_boxes(doc)
     im = Image.open(overlay)
     assert im.size == (384, 384) and im.mode == "RGB"
 
@@ -200,32 +221,29 @@ def test_upload_store_reuses_a_just_decoded_upload_and_forgets_it(tmp_path, monk
     image while it is recent, and the sentence for a missing file once it is not."""
     from gradio.utils import get_upload_folder
 
+    from cxr_demo import uploads
     from cxr_demo.images import ImageInputError
-    from cxr_demo.service import DemoService
-    from cxr_demo.ui import UploadStore
-    from cxr_demo.zoo import Zoo, ZooSource
+    from cxr_demo.uploads import UploadStore
 
     folder = Path(get_upload_folder()) / "0123abcd"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "x.png"
     Image.fromarray((synthetic_xray(64) * 255).astype(np.uint8)).save(path)
-    store = UploadStore(DemoService(Zoo(ZooSource(tmp_path))), set(), recent_seconds=60)
+    store = UploadStore(set(), recent_seconds=60)
     first = store.take(str(path), None)
     assert not path.exists() and store.recent_count() == 1
     assert store.take(str(path), None) is first
     # each use keeps it another recent_seconds: alive 90 s after its decode when used at 50 s
-    import cxr_demo.ui as ui_module
-
-    now = ui_module._now()
+    now = uploads.now()
     clock = iter([now + 50, now + 90, now + 151])
-    monkeypatch.setattr(ui_module, "_now", lambda: next(clock))
+    monkeypatch.setattr(uploads, "now", lambda: next(clock))
     assert store.take(str(path), None) is first
     assert store.take(str(path), None) is first
     with pytest.raises(ImageInputError, match="could not be found"):  # 61 s after its last use
         store.take(str(path), None)
     assert store.recent_count() == 0
     monkeypatch.undo()
-    big = UploadStore(DemoService(Zoo(ZooSource(tmp_path))), set(), recent_bytes=100)
+    big = UploadStore(set(), recent_bytes=100)
     path.parent.mkdir(exist_ok=True)
     Image.fromarray((synthetic_xray(64) * 255).astype(np.uint8)).save(path)
     big.take(str(path), None)
@@ -251,13 +269,13 @@ def test_plain_http_api_as_curl_uses_it(live_app, model_name):
     document as gradio_client, and an error event carries the sentence."""
     import httpx
 
-    from cxr_demo.bench import http_call
+    from tests.helpers import http_call
 
     url = live_app if live_app.endswith("/") else live_app + "/"
     with httpx.Client(timeout=120) as http:
         doc, _html = http_call(http, url, "predict", BOXED, model_name, "f1")
         assert doc["model"] == model_name and len(doc["findings"]) >= 2
         _overlay, box_doc, _note = http_call(http, url, "explain", BOXED, model_name, "Atelectasis", "default", "", 0.5, 0.0)
-        assert 0.0 <= box_doc["iou"] <= 1.0
+        assert_overlap_matches_the_boxes(box_doc)
         with pytest.raises(RuntimeError, match="Unknown model"):
             http_call(http, url, "predict", BOXED, "../../etc/passwd", "f1")

@@ -6,19 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from cxr_demo.boxes import BoxRule, best_match, box_iobb, box_iou, heatmap_to_boxes
+from cxr_demo.cam import CAM_METHODS, compute_heatmap, resize_heatmap
 from cxr_demo.card import read_card
-from cxr_demo.explain import (
-    CAM_METHODS,
-    best_match,
-    box_iobb,
-    box_iou,
-    compute_heatmap,
-    heatmap_to_boxes,
-    render_overlay,
-)
 from cxr_demo.groundtruth import BoxInputError, nih_boxes_for, parse_boxes
+from cxr_demo.images import read_xray
 from cxr_demo.inference import preprocess
 from cxr_demo.models import load_weights
+from cxr_demo.overlay import render_overlay
 from tests.helpers import make_checkpoint, synthetic_xray
 
 
@@ -142,8 +137,6 @@ def test_every_cam_method_runs_on_each_family(tmp_path, family):
 
 
 def test_moment_box_of_a_uniform_block_is_the_block():
-    from cxr_demo.explain import BoxRule
-
     heat = np.zeros((100, 100), np.float32)
     heat[20:40, 30:70] = 1.0
     (x, y, w, h), = heatmap_to_boxes(heat, rule=BoxRule(0.5, fit="moments"))
@@ -151,8 +144,6 @@ def test_moment_box_of_a_uniform_block_is_the_block():
 
 
 def test_moment_box_is_tighter_than_the_rectangle_for_a_peaked_blob():
-    from cxr_demo.explain import BoxRule
-
     yy, xx = np.mgrid[0:200, 0:200]
     heat = np.exp(-((xx - 100.0) ** 2 + (yy - 80.0) ** 2) / (2 * 25.0**2))
     rect = heatmap_to_boxes(heat, rule=BoxRule(0.2, fit="rect"))[0]
@@ -162,8 +153,6 @@ def test_moment_box_is_tighter_than_the_rectangle_for_a_peaked_blob():
 
 
 def test_adaptive_threshold_uses_mean_plus_k_std():
-    from cxr_demo.explain import BoxRule
-
     heat = np.zeros((100, 100), np.float32)
     heat[10:20, 10:20] = 1.0
     heat[60:90, 60:90] = 0.3
@@ -175,8 +164,6 @@ def test_adaptive_threshold_uses_mean_plus_k_std():
 
 
 def test_heatmap_of_a_cropped_input_lands_on_the_crop():
-    from cxr_demo.explain import resize_heatmap
-
     heat = np.ones((7, 7), dtype=np.float32)
     full = resize_heatmap(heat, 100, 80, crop=(0.25, 0.75, 0.5, 1.0))
     assert full.shape == (80, 100)
@@ -195,8 +182,9 @@ def test_explain_reports_the_same_probability_as_predict_and_picks_the_top_findi
 
     make_checkpoint(tmp_path / "ck", name="tiny")
     service = DemoService(Zoo(ZooSource(tmp_path / "ck")))
-    img = tmp_path / "x.png"
-    Image.fromarray((synthetic_xray(96) * 255).astype(np.uint8)).save(img)
+    path = tmp_path / "x.png"
+    Image.fromarray((synthetic_xray(96) * 255).astype(np.uint8)).save(path)
+    img = read_xray(path)
     probs = {r["name"]: r["probability"] for r in service.predict(img, "tiny").document["findings"]}
     for finding in ("Effusion", "Hernia"):
         _, doc = service.explain(img, "tiny", finding, "gradcam")

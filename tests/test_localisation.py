@@ -6,7 +6,9 @@ import json
 
 import pytest
 
+from cxr_demo.cam import explain_settings
 from cxr_demo.card import read_card
+from cxr_demo.images import read_xray
 from cxr_demo.service import DemoService
 from cxr_demo.zoo import Zoo, ZooSource
 from tests.helpers import make_checkpoint, make_fake_nih
@@ -57,18 +59,20 @@ def test_card_and_app_use_the_chosen_defaults(study, tmp_path):
     card = read_card(folder)
     assert card.explain_defaults.method == result["chosen"]["method"]
     assert card.explain_defaults.layer == result["chosen"]["layer"]
-    method, layer, rule = DemoService.resolve_explain_settings(card, "default", 0)
-    assert (method, layer, rule.__dict__) == (result["chosen"]["method"], result["chosen"]["layer"], result["chosen"]["rule"])
-    method, layer, rule = DemoService.resolve_explain_settings(card, "eigencam", 0.4)
-    assert (method, layer, rule.threshold, rule.regions) == ("eigencam", card.cam_target_layer, 0.4, "largest")
+    s = explain_settings(card, "default", 0)
+    assert (s.method, s.layer, s.rule.__dict__) == (result["chosen"]["method"], result["chosen"]["layer"],
+                                                    result["chosen"]["rule"])
+    s = explain_settings(card, "eigencam", 0.4)
+    assert (s.method, s.layer, s.rule.threshold, s.rule.regions) == ("eigencam", card.cam_target_layer, 0.4, "largest")
     assert "Localisation study" in (docs / "LOCALISATION.md").read_text()
     service = DemoService(Zoo(ZooSource(folder.parent)))
-    from tests.helpers import synthetic_xray
-    from PIL import Image
     import numpy as np
+    from PIL import Image
+
+    from tests.helpers import synthetic_xray
 
     img = tmp_path / "x.png"
     Image.fromarray((synthetic_xray(128) * 255).astype(np.uint8)).save(img)
-    _, doc = service.explain(img, "tiny", "Effusion", "default", "10, 10, 50, 50")
+    _, doc = service.explain(read_xray(img), "tiny", "Effusion", "default", "10, 10, 50, 50")
     assert doc["method"] == result["chosen"]["method"] and doc["layer"] == result["chosen"]["layer"]
     assert 1 <= len(doc["predicted_boxes"]) <= 3 and len(doc["per_box"]) == 1

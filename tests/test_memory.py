@@ -13,8 +13,8 @@ import pytest
 from gradio_client import handle_file
 from PIL import Image
 
-from cxr_demo.service import DemoService
-from cxr_demo.ui import RECENT_UPLOAD_BYTES
+from cxr_demo import uploads
+from cxr_demo.uploads import RECENT_UPLOAD_BYTES
 from cxr_demo.zoo import DEFAULT_MAX_LOADED
 from tests.helpers import synthetic_xray
 
@@ -85,13 +85,13 @@ def test_rss_does_not_grow_with_requests(client, tmp_path):
 def test_a_leak_of_decoded_uploads_would_be_caught(client, tmp_path, monkeypatch):
     """The measurement above can fail: keep every decoded upload alive and it goes over the bound."""
     kept = []
-    decode = DemoService.read_upload
+    decode = uploads.read_xray
 
-    def leaky_read_upload(path):
+    def leaky_read_xray(path):
         kept.append(decode(path))
         return kept[-1]
 
-    monkeypatch.setattr(DemoService, "read_upload", staticmethod(leaky_read_upload))
+    monkeypatch.setattr(uploads, "read_xray", leaky_read_xray)
     grown, n_requests = _growth_mib(client, tmp_path)
     assert len(kept) >= n_requests
     assert grown > BOUND_MIB, f"a leak of {len(kept)} decoded uploads grew RSS by only {grown:.0f} MiB"

@@ -10,8 +10,10 @@ import torch
 from PIL import Image
 
 from cxr_demo.card import OODInfo, read_card, write_card
+from cxr_demo.images import read_xray
+from cxr_demo.inference import features_and_logits
 from cxr_demo.models import WeightsError, load_weights, sha256_file
-from cxr_demo.ood import OOD_FILE, OODDetector, features_and_logits
+from cxr_demo.ood import OOD_FILE, OODDetector
 from cxr_demo.service import OOD_WARNING, DemoService
 from cxr_demo.zoo import DEFAULT_CHECKPOINTS, Zoo, ZooSource
 from tests.helpers import make_checkpoint, synthetic_xray
@@ -55,7 +57,7 @@ def _with_detector(tmp_path, threshold: float):
 @pytest.mark.parametrize("threshold, warned", [(-1.0, True), (1e12, False)])
 def test_predict_warns_when_the_detector_fires(tmp_path, threshold, warned):
     folder, img = _with_detector(tmp_path, threshold)
-    doc = DemoService(Zoo(ZooSource(folder.parent))).predict(img, "tiny", "f1").document
+    doc = DemoService(Zoo(ZooSource(folder.parent))).predict(read_xray(img), "tiny", "f1").document
     assert (OOD_WARNING in doc["warnings"]) is warned
 
 

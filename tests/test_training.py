@@ -12,9 +12,9 @@ import torch
 from cxr_demo.card import read_card
 from cxr_demo.models import sha256_file
 from cxr_demo.zoo import Zoo, ZooSource
+from tests.helpers import make_fake_nih
 from training.data import align_labels, nih_records, patient_split
 from training.metrics import tune_thresholds
-from tests.helpers import make_fake_nih
 
 
 def test_align_labels_raises_on_mismatch():
@@ -80,8 +80,8 @@ def test_train_evaluate_export_and_serve(tmp_path, monkeypatch):
 def test_push_to_hub_uploads_the_folder(tmp_path):
     from unittest.mock import MagicMock
 
-    from training.hub import push_to_hub
     from tests.helpers import make_checkpoint
+    from training.hub import push_to_hub
 
     folder = make_checkpoint(tmp_path)
     (folder / "eval.json").write_text("{}")

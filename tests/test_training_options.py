@@ -16,11 +16,12 @@ from safetensors.torch import load_file
 from torchvision.ops import sigmoid_focal_loss
 
 from cxr_demo.card import read_card
+from cxr_demo.images import read_xray
 from cxr_demo.service import DemoService
 from cxr_demo.zoo import Zoo, ZooSource
+from tests.helpers import make_fake_kermany_covid, make_fake_nih
 from training.data import chexpert_records, covid_records, kermany_class, kermany_patient, kermany_records
 from training.losses import multiclass_loss, multilabel_loss, sample_weights
-from tests.helpers import make_fake_kermany_covid, make_fake_nih
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -162,7 +163,7 @@ def test_kermany3_with_lung_crop_focal_sampling_plateau_freeze(train_env):
     log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
     assert [r["frozen_backbone"] for r in log] == [True, False, False]
     pred = DemoService(Zoo(ZooSource(train_env / "ck"))).predict(
-        str(data / "kermany" / "test" / "NORMAL" / "IM-0500-0001.jpeg"), "k3")
+        read_xray(data / "kermany" / "test" / "NORMAL" / "IM-0500-0001.jpeg"), "k3")
     assert abs(sum(f["probability"] for f in pred.document["findings"]) - 1.0) < 1e-4  # softmax over 3 classes
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from cxr_demo.card import CardError, read_card
 from cxr_demo.models import WeightsError, load_weights
-from cxr_demo.zoo import UnknownModelError, Zoo, ZooSource
+from cxr_demo.zoo import DEFAULT_CHECKPOINTS, UnknownModelError, Zoo, ZooSource
 from tests.helpers import make_checkpoint
 
 
@@ -141,4 +141,7 @@ def test_hub_env_selects_the_hub(tmp_path, monkeypatch):
 
     monkeypatch.setenv("CXR_DEMO_HUB_REPO", "org/cxr-zoo")
     monkeypatch.setenv("CXR_DEMO_HUB_REVISION", "v1")
-    assert source_from_env() == ZooSource(source_from_env().local_dir, "org/cxr-zoo", "v1")
+    assert source_from_env() == ZooSource(DEFAULT_CHECKPOINTS, "org/cxr-zoo", "v1")
+    monkeypatch.setenv("CXR_DEMO_CHECKPOINTS", str(tmp_path))
+    monkeypatch.delenv("CXR_DEMO_HUB_REPO")
+    assert source_from_env() == ZooSource(tmp_path, None, "v1")

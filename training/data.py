@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import logging
@@ -13,13 +14,20 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import GroupShuffleSplit
 
+from cxr_demo.groundtruth import NIH_BOX_FILE, read_box_list, scale_boxes
 from cxr_demo.images import read_xray, resize_gray
-from cxr_demo.labels import NIH14_LABELS, NIH_BOX_LABEL_ALIASES
+from cxr_demo.labels import NIH14_LABELS
+from cxr_demo.paths import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DATA_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "images"
+DEFAULT_CACHE = PROJECT_ROOT / ".cache" / "images"
+
+
+def add_data_root_argument(parser: argparse.ArgumentParser) -> None:
+    """``--data-root`` for the training commands (default: ``cxr_demo.paths.data_root()``)."""
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="the shared data folder (default: CXR_DEMO_DATA_ROOT or ../shared/data)")
 
 
 @dataclass
@@ -73,18 +81,8 @@ def nih_records(root: Path, labels: list[str] | None = None, images_dir: str = "
 
 
 def nih_boxes(root: Path) -> dict[str, list[tuple[str, tuple[float, float, float, float]]]]:
-    """Official boxes per image name: ``[(finding, (x, y, w, h) in the 1024 frame)]``."""
-    out: dict[str, list] = defaultdict(list)
-    with open(Path(root) / "BBox_List_2017.csv", newline="") as f:
-        reader = csv.reader(f)
-        next(reader)
-        for row in reader:
-            name, finding = row[0], NIH_BOX_LABEL_ALIASES.get(row[1], row[1])
-            out[name].append((finding, tuple(float(v) for v in row[2:6])))
-    return dict(out)
-
-
-NIH_BOX_FRAME = 1024.0
+    """Official boxes per image name under an NIH folder: ``[(finding, (x, y, w, h) in the 1024 frame)]``."""
+    return read_box_list(Path(root) / NIH_BOX_FILE)
 
 
 def nih_box_pairs(records: list[Record], boxes_by_image: dict, labels: list[str]) -> list[dict]:
@@ -99,10 +97,9 @@ def nih_box_pairs(records: list[Record], boxes_by_image: dict, labels: list[str]
             continue
         with Image.open(rec.path) as im:
             width, height = im.size
-        sx, sy = width / NIH_BOX_FRAME, height / NIH_BOX_FRAME
         by_finding: dict[str, list] = defaultdict(list)
-        for finding, (x, y, w, h) in boxes:
-            by_finding[finding].append((x * sx, y * sy, w * sx, h * sy))
+        for finding, box in scale_boxes(boxes, width, height):
+            by_finding[finding].append(box)
         for finding, truth in by_finding.items():
             if finding in labels:
                 pairs.append({"index": i, "image": rec.path.name, "patient": rec.patient, "finding": finding,

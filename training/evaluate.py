@@ -17,15 +17,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from cxr_demo import paths
+from cxr_demo.cam import compute_heatmap, explain_settings, resize_heatmap
 from cxr_demo.card import EVAL_FILE, WEIGHTS_FILE, EvalMetrics, read_card, write_card
-from cxr_demo.explain import compute_heatmap, resize_heatmap
+from cxr_demo.inference import normalise_batch, predict_array
 from cxr_demo.models import load_weights
-from training.data import DEFAULT_DATA_ROOT, cached_pixels, nih_box_pairs, nih_boxes
+from training.data import add_data_root_argument, cached_pixels, nih_box_pairs, nih_boxes
+from training.metrics import bootstrap_auroc, operating_point_metrics, per_finding, safe_auroc, score_rule, summarise
 from training.tasks import load_task
-from training.metrics import bootstrap_auroc, operating_point_metrics, safe_auroc
-from training.train import predict_array
 
 log = logging.getLogger(__name__)
 
@@ -54,26 +54,23 @@ def _roc_plot(Y: np.ndarray, P: np.ndarray, labels: list[str], aucs: list, path:
 def box_study(model, card, records, pixels, boxes_by_image) -> dict:
     """IoU/IoBB against every radiologist box of the evaluation images, with the settings the app uses
     by default for this model (``explain_defaults`` from the localisation study, else Grad-CAM)."""
-    from cxr_demo.inference import normalise_batch
-    from cxr_demo.service import DemoService
-    from training.localisation import per_finding, score_rule, summarise
-
-    method, layer, rule = DemoService.resolve_explain_settings(card, "default", 0)
+    settings = explain_settings(card, "default")
     pairs = nih_box_pairs(records, boxes_by_image, card.label_names)
     heats = []
     t0 = time.time()
     for p in pairs:
-        x_in = normalise_batch(torch.from_numpy(pixels[p["index"] : p["index"] + 1])[:, None], card)
-        heat = compute_heatmap(model, card, x_in, card.label_names.index(p["finding"]), method, layer=layer)
+        x_in = normalise_batch(pixels[p["index"] : p["index"] + 1], card.mean, card.std)
+        heat = compute_heatmap(model, card, x_in, card.label_names.index(p["finding"]), settings.method,
+                               layer=settings.layer)
         heats.append(resize_heatmap(heat, p["width"], p["height"], card.crop))
     seconds = time.time() - t0
-    rows = score_rule(heats, pairs, rule)
+    rows = score_rule(heats, pairs, settings.rule)
     note = ("settings chosen by the localisation study on a patient-disjoint half of these boxes; the held-out "
             f"half's numbers are in {card.explain_defaults.source_file}") if card.explain_defaults else "fixed settings"
     return {
-        "method": method,
-        "layer": layer,
-        "box_rule": rule.describe(),
+        "method": settings.method,
+        "layer": settings.layer,
+        "box_rule": settings.rule.describe(),
         "settings": note,
         "overall": summarise(rows),
         "per_finding": per_finding(rows),
@@ -81,10 +78,11 @@ def box_study(model, card, records, pixels, boxes_by_image) -> dict:
     }
 
 
-def evaluate_checkpoint(folder: Path, data_root: Path = DEFAULT_DATA_ROOT, n_boot: int = 1000) -> dict:
+def evaluate_checkpoint(folder: Path, data_root: Path | None = None, n_boot: int = 1000) -> dict:
     """Evaluate ``folder`` on its task's test images in ``data_root`` (for NIH, the official test list);
     write eval.json."""
     folder = Path(folder)
+    data_root = Path(data_root) if data_root is not None else paths.data_root()
     card = read_card(folder)
     task = load_task(card.task, data_root)
     if task.label_names != card.label_names:
@@ -164,7 +162,7 @@ def evaluate_checkpoint(folder: Path, data_root: Path = DEFAULT_DATA_ROOT, n_boo
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folders", type=Path, nargs="+")
-    p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
+    add_data_root_argument(p)
     p.add_argument("--bootstrap", type=int, default=1000)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

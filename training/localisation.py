@@ -27,20 +27,22 @@ import numpy as np
 import torch
 from sklearn.model_selection import GroupShuffleSplit
 
+from cxr_demo import paths
+from cxr_demo.boxes import MAX_BOXES, BoxRule
+from cxr_demo.cam import compute_heatmap, resize_heatmap, resolve_module
 from cxr_demo.card import WEIGHTS_FILE, ExplainDefaults, read_card, write_card
-from cxr_demo.explain import BoxRule, box_iobb, box_iou, compute_heatmap, heatmap_to_boxes, resize_heatmap
 from cxr_demo.inference import normalise_batch
-from cxr_demo.models import load_weights, resolve_module
-from training.data import DEFAULT_DATA_ROOT, cached_pixels, nih_box_pairs, nih_boxes, nih_records
+from cxr_demo.models import load_weights
+from training.data import add_data_root_argument, cached_pixels, nih_box_pairs, nih_boxes, nih_records
+from training.evaluate import evaluate_checkpoint
+from training.metrics import mask_iou, per_finding, score_rule, summarise
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
-DOCS = ROOT / "docs"
+DOCS = paths.PROJECT_ROOT / "docs"
 SOURCE_STUDY_THRESHOLDS = (0.1, 0.15, 0.25, 0.35, 0.45)
 FAST_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam")
 PERTURBATION_METHODS = ("ablationcam",)
-MAX_REGIONS = 3  # "all regions" keeps at most this many boxes, so it cannot win by scattering boxes
 
 
 def rule_grid() -> list[BoxRule]:
@@ -75,60 +77,10 @@ def _forward_backward_seconds(model, x: torch.Tensor, repeats: int = 10) -> floa
     return (time.perf_counter() - t0) / repeats
 
 
-def _mask_iou(heat: np.ndarray, box, t: float) -> float:
-    """The source study's metric: IoU of the mask ``heat >= t`` with the filled box."""
-    mask = heat >= t
-    x, y, w, h = (int(round(v)) for v in box)
-    boxmask = np.zeros_like(mask)
-    boxmask[y : y + h, x : x + w] = True
-    union = np.logical_or(mask, boxmask).sum()
-    return float(np.logical_and(mask, boxmask).sum() / union) if union else 0.0
-
-
-def summarise(rows: list[dict]) -> dict:
-    """Box metrics over rows (one row per ground-truth box)."""
-    if not rows:
-        return {"n_boxes": 0}
-    iou = np.array([r["iou"] for r in rows])
-    findings = sorted({r["finding"] for r in rows})
-    per_f = {f: float(np.mean([r["iou"] for r in rows if r["finding"] == f])) for f in findings}
-    return {
-        "n_boxes": len(rows),
-        "mean_iou_over_findings": float(np.mean(list(per_f.values()))),
-        "mean_iou": float(iou.mean()),
-        "mean_iobb": float(np.mean([r["iobb"] for r in rows])),
-        "hit_rate_iou_0.1": float((iou > 0.1).mean()),
-        "hit_rate_iou_0.25": float((iou > 0.25).mean()),
-        "hit_rate_iou_0.5": float((iou > 0.5).mean()),
-        "pointing_game": float(np.mean([r["pointing"] for r in rows])),
-        "mean_predicted_boxes": float(np.mean([r["n_pred"] for r in rows])),
-    }
-
-
-def per_finding(rows: list[dict]) -> dict:
-    return {f: summarise([r for r in rows if r["finding"] == f]) for f in sorted({r["finding"] for r in rows})}
-
-
-def score_rule(heats: list[np.ndarray], pairs: list[dict], rule: BoxRule) -> list[dict]:
-    """One row per ground-truth box: IoU/IoBB of the best-matching predicted box, and pointing."""
-    rows = []
-    for heat, pair in zip(heats, pairs, strict=True):
-        pred = heatmap_to_boxes(heat, rule=rule)[:MAX_REGIONS]
-        py, px = np.unravel_index(int(np.argmax(heat)), heat.shape)
-        for t in pair["truth"]:
-            rows.append({
-                "finding": pair["finding"],
-                "iou": max((box_iou(p, t) for p in pred), default=0.0),
-                "iobb": max((box_iobb(p, t) for p in pred), default=0.0),
-                "pointing": bool(t[0] <= px <= t[0] + t[2] and t[1] <= py <= t[1] + t[3]),
-                "n_pred": len(pred),
-            })
-    return rows
-
-
-def run_study(folder: Path, data_root: Path = DEFAULT_DATA_ROOT, perturbation_pairs: int = 8,
+def run_study(folder: Path, data_root: Path | None = None, perturbation_pairs: int = 8,
               max_cost: float = 1.5, seed: int = 0, limit_pairs: int | None = None) -> dict:
     """Run the study for one checkpoint folder; returns the JSON-able result."""
+    data_root = Path(data_root) if data_root is not None else paths.data_root()
     card = read_card(folder)
     model = load_weights(card, folder / WEIGHTS_FILE)
     records = [r for r in nih_records(data_root / "nih14", card.label_names) if r.split == "test"]
@@ -144,7 +96,7 @@ def run_study(folder: Path, data_root: Path = DEFAULT_DATA_ROOT, perturbation_pa
     assert not {patient_of[images[i]] for i in sel_idx} & {patient_of[images[i]] for i in rep_idx}
     halves = {h: [i for i, p in enumerate(pairs) if half_of[p["image"]] == h] for h in ("select", "report")}
 
-    x_all = normalise_batch(torch.from_numpy(pixels)[:, None], card)
+    x_all = normalise_batch(pixels, card.mean, card.std)
     fwd_bwd = _forward_backward_seconds(model, x_all[:1].clone())
     log.info("forward+backward of one image: %.3f s", fwd_bwd)
 
@@ -184,7 +136,7 @@ def run_study(folder: Path, data_root: Path = DEFAULT_DATA_ROOT, perturbation_pa
                 best_rule, best_score = rule, s["mean_iou_over_findings"]
         report_rows = score_rule([heats[i] for i in h_idx["report"]], [pairs[i] for i in h_idx["report"]], best_rule)
         source_metric = {
-            h: {str(t): float(np.mean([_mask_iou(heats[i], b, t) for i in h_idx[h] for b in pairs[i]["truth"]]))
+            h: {str(t): float(np.mean([mask_iou(heats[i], b, t) for i in h_idx[h] for b in pairs[i]["truth"]]))
                 for t in SOURCE_STUDY_THRESHOLDS}
             for h in ("select", "report")
         }
@@ -212,7 +164,7 @@ def run_study(folder: Path, data_root: Path = DEFAULT_DATA_ROOT, perturbation_pa
         "selection": (f"method, layer and box rule with the best mean IoU over findings on the 'select' half among "
                       f"methods costing <= {max_cost}x forward+backward; numbers under 'report' come from the other, "
                       "patient-disjoint half"),
-        "iou_definition": (f"per ground-truth box, IoU with the best-matching predicted box (at most {MAX_REGIONS} "
+        "iou_definition": (f"per ground-truth box, IoU with the best-matching predicted box (at most {MAX_BOXES} "
                            "boxes per heatmap); IoBB = intersection / ground-truth box area; pointing = heatmap "
                            "maximum inside the box; source_study_mask_iou = IoU of the mask heatmap >= t with the box"),
         "forward_backward_seconds": fwd_bwd,
@@ -236,7 +188,7 @@ def write_table(docs: Path = DOCS) -> Path:
            "chosen, and a `report` half, on which every number below is measured. For reference, the source study",
            "reported mean IoU 0.133 (Grad-CAM) and 0.137 (EigenCAM) for its best model.", "",
            "Per ground-truth box, IoU and IoBB are those of the best-matching predicted box (at most "
-           f"{MAX_REGIONS} boxes per heatmap: the rule \"every connected region\" keeps the {MAX_REGIONS} largest).",
+           f"{MAX_BOXES} boxes per heatmap: the rule \"every connected region\" keeps the {MAX_BOXES} largest).",
            "At a layer followed by global average pooling and a linear head, Grad-CAM, HiResCAM and XGrad-CAM",
            "produce the same map up to a positive scale (the gradient is spatially constant), so their rows agree",
            "there; they differ at an inner layer.", ""]
@@ -276,7 +228,7 @@ def write_table(docs: Path = DOCS) -> Path:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folders", type=Path, nargs="*")
-    p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
+    add_data_root_argument(p)
     p.add_argument("--perturbation-pairs", type=int, default=8, help="pairs per half for the slow perturbation methods")
     p.add_argument("--max-cost", type=float, default=1.5, help="most a default may cost, in forward+backward passes")
     p.add_argument("--out", type=Path, default=DOCS / "localisation")
@@ -299,8 +251,6 @@ def main(argv: list[str] | None = None) -> None:
             )
             write_card(card, folder)
             # eval.json's box numbers describe what the app shows by default: refresh them.
-            from training.evaluate import evaluate_checkpoint
-
             evaluate_checkpoint(folder, args.data_root)
         log.info("wrote %s; chosen %s (%s)", out, result["chosen"]["key"], result["chosen"]["rule_text"])
     if args.table or args.folders:

@@ -1,9 +1,11 @@
-"""Classification metrics: AUROC with bootstrap CIs and per-finding thresholds."""
+"""Metrics: AUROC with bootstrap CIs, per-finding thresholds, and box localisation against radiologist boxes."""
 
 from __future__ import annotations
 
 import numpy as np
 from sklearn.metrics import precision_recall_fscore_support, roc_auc_score, roc_curve
+
+from cxr_demo.boxes import Box, BoxRule, match_truth, predicted_boxes
 
 
 def safe_auroc(y: np.ndarray, p: np.ndarray) -> float | None:
@@ -82,3 +84,59 @@ def operating_point_metrics(Y: np.ndarray, P: np.ndarray, thresholds: np.ndarray
         "per_label_recall": [float(v) for v in rec],
         "per_label_precision": [float(v) for v in prec],
     }
+
+
+# --- localisation: heatmap boxes against radiologist boxes --------------------------------------
+
+
+def mask_iou(heat: np.ndarray, box: Box, t: float) -> float:
+    """The source study's metric (Wang et al. 2017): IoU of the mask ``heat >= t`` with the filled box."""
+    mask = heat >= t
+    x, y, w, h = (int(round(v)) for v in box)
+    boxmask = np.zeros_like(mask)
+    boxmask[y : y + h, x : x + w] = True
+    union = np.logical_or(mask, boxmask).sum()
+    return float(np.logical_and(mask, boxmask).sum() / union) if union else 0.0
+
+
+def score_rule(heats: list[np.ndarray], pairs: list[dict], rule: BoxRule) -> list[dict]:
+    """One row per ground-truth box: IoU/IoBB of the best-matching predicted box (the boxes the app
+    would draw, :func:`cxr_demo.boxes.predicted_boxes`), and whether the heatmap's peak lies in the box."""
+    rows = []
+    for heat, pair in zip(heats, pairs, strict=True):
+        pred = predicted_boxes(heat, rule)
+        py, px = np.unravel_index(int(np.argmax(heat)), heat.shape)
+        for t, (iou, iobb) in zip(pair["truth"], match_truth(pred, pair["truth"]), strict=True):
+            rows.append({
+                "finding": pair["finding"],
+                "iou": iou,
+                "iobb": iobb,
+                "pointing": bool(t[0] <= px <= t[0] + t[2] and t[1] <= py <= t[1] + t[3]),
+                "n_pred": len(pred),
+            })
+    return rows
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Box metrics over rows (one row per ground-truth box)."""
+    if not rows:
+        return {"n_boxes": 0}
+    iou = np.array([r["iou"] for r in rows])
+    findings = sorted({r["finding"] for r in rows})
+    per_f = {f: float(np.mean([r["iou"] for r in rows if r["finding"] == f])) for f in findings}
+    return {
+        "n_boxes": len(rows),
+        "mean_iou_over_findings": float(np.mean(list(per_f.values()))),
+        "mean_iou": float(iou.mean()),
+        "mean_iobb": float(np.mean([r["iobb"] for r in rows])),
+        "hit_rate_iou_0.1": float((iou > 0.1).mean()),
+        "hit_rate_iou_0.25": float((iou > 0.25).mean()),
+        "hit_rate_iou_0.5": float((iou > 0.5).mean()),
+        "pointing_game": float(np.mean([r["pointing"] for r in rows])),
+        "mean_predicted_boxes": float(np.mean([r["n_pred"] for r in rows])),
+    }
+
+
+def per_finding(rows: list[dict]) -> dict:
+    """:func:`summarise` per finding."""
+    return {f: summarise([r for r in rows if r["finding"] == f]) for f in sorted({r["finding"] for r in rows})}

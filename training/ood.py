@@ -17,26 +17,20 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from cxr_demo.card import OODInfo, WEIGHTS_FILE, read_card, write_card
+from cxr_demo import paths
+from cxr_demo.card import WEIGHTS_FILE, OODInfo, read_card, write_card
 from cxr_demo.images import resize_gray
+from cxr_demo.inference import feature_array
 from cxr_demo.models import load_weights, sha256_file
-from cxr_demo.ood import OOD_FILE, OODDetector, features_and_logits
-from training.data import DEFAULT_DATA_ROOT, cached_pixels, nih_records, patient_split
+from cxr_demo.ood import OOD_FILE, OODDetector
+from training.data import Record, add_data_root_argument, cached_pixels, nih_records, patient_split
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parent.parent
 
 
-def _features(model, card, pixels_uint8: np.ndarray, batch: int = 64) -> np.ndarray:
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(pixels_uint8), batch):
-            x = torch.from_numpy(pixels_uint8[i : i + batch]).float()[:, None] / 255.0
-            f, _ = features_and_logits(model, (x - card.mean) / card.std)
-            out.append(f.numpy())
-    return np.concatenate(out)
+def _features(model, card, pixels_uint8: np.ndarray) -> np.ndarray:
+    return feature_array(model, pixels_uint8, card.mean, card.std)
 
 
 def non_xray_images(size: int) -> dict[str, np.ndarray]:
@@ -83,15 +77,14 @@ def non_xray_images(size: int) -> dict[str, np.ndarray]:
 
 
 def _folder_pixels(folder: Path, size: int) -> np.ndarray:
-    from training.data import Record
-
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
     recs = [Record(p, np.zeros(1, np.float32), p.name, "test") for p in paths]
     return cached_pixels(recs, size) if recs else np.zeros((0, size, size), np.uint8)
 
 
-def fit_and_measure(folder: Path, data_root: Path = DEFAULT_DATA_ROOT, percentile: float = 99.0,
+def fit_and_measure(folder: Path, data_root: Path | None = None, percentile: float = 99.0,
                     val_fraction: float = 0.15, seed: int = 0, k: int = 32) -> dict:
+    data_root = Path(data_root) if data_root is not None else paths.data_root()
     card = read_card(folder)
     if card.task != "nih14":
         raise ValueError("only NIH models are handled so far")
@@ -142,8 +135,8 @@ def fit_and_measure(folder: Path, data_root: Path = DEFAULT_DATA_ROOT, percentil
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folders", type=Path, nargs="+")
-    p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "ood")
+    add_data_root_argument(p)
+    p.add_argument("--out", type=Path, default=paths.PROJECT_ROOT / "docs" / "ood")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -19,18 +19,18 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_demo.card import EVAL_FILE, ModelCard, read_card
-from cxr_demo.zoo import DEFAULT_CHECKPOINTS
+from cxr_demo.card import EVAL_FILE, ModelCard, checkpoint_folders, read_card
+from cxr_demo.paths import DEFAULT_CHECKPOINTS
+from cxr_demo.paths import PROJECT_ROOT as ROOT
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- zoo-table:start -->", "<!-- zoo-table:end -->"
 ZOO_DOC = ROOT / "docs" / "MODEL_ZOO.md"
 TSNE_DIR = ROOT / "docs" / "zoo"
 
 
-# The in-domain pretraining comparison (training/zoo.py trains these): same architecture, input size
+# The in-domain pretraining comparison (training/recipes.py trains these): same architecture, input size
 # and recipe; only the initial weights differ.
 PRETRAINING_ROWS = [
     ("random", "nih14-lite0-160-random"),
@@ -39,7 +39,7 @@ PRETRAINING_ROWS = [
     ("ImageNet, then in-domain", "nih14-lite0-160-imagenet-indomain"),
 ]
 PRETRAINING_TEXT = (
-    "EfficientNet-Lite0 at 160 px, fine-tuned on NIH with one recipe (`training/zoo.py`), from four starting "
+    "EfficientNet-Lite0 at 160 px, fine-tuned on NIH with one recipe (`training/recipes.py`), from four starting "
     "points. In-domain pretraining (`pretrain/`) is supervised multi-task training on every chest X-ray we hold "
     "that is not an NIH test image and not an NIH fine-tuning validation image: NIH train images (14 findings) and "
     "the Kermany training images (normal / bacterial / viral), one sigmoid head with each image's unknown labels "
@@ -50,7 +50,7 @@ PRETRAINING_TEXT = (
 
 def _checkpoints(checkpoints: Path) -> list[tuple[Path, ModelCard, dict | None]]:
     out = []
-    for folder in sorted(p.parent for p in Path(checkpoints).glob("*/config.json")):
+    for folder in checkpoint_folders(checkpoints):
         card = read_card(folder)
         ev_path = folder / EVAL_FILE
         out.append((folder, card, json.loads(ev_path.read_text()) if ev_path.is_file() else None))
@@ -144,17 +144,17 @@ def model_zoo_doc(checkpoints: Path = DEFAULT_CHECKPOINTS) -> str:
         total = sum(r["wall_seconds"] for r in runs.values())
         nih = [r["wall_seconds"] for n, r in runs.items() if n.startswith(("nih14-", "pretrain-"))]
         out += ["## Full CPU retrain", "",
-                f"`python -m training.zoo` trains every entry one after another (training and evaluation): the NIH "
+                f"`python -m training.recipes` trains every entry one after another (training and evaluation): the NIH "
                 f"architectures, the pretraining comparison, the paediatric and COVID-19 models. "
                 f"Measured wall time of the runs recorded in [zoo-retrain.json](zoo-retrain.json): "
                 f"{total / 60:.0f} min for {len(runs)} runs, of which NIH and pretraining {sum(nih) / 60:.0f} min for "
                 f"{len(nih)} runs ({next(iter(runs.values()))['machine']}; measured while tests and other work often "
                 f"shared the two cores, so an idle machine is faster)."]
-        from training.zoo import ZOO
+        from training.recipes import RECIPES
 
-        untimed = [n for n in ZOO if n not in runs]
+        untimed = [n for n in RECIPES if n not in runs]
         if untimed:
-            out.append(f"Not timed by `training.zoo` (trained before it existed, by the command in its card): "
+            out.append(f"Not timed by `training.recipes` (trained before it existed, by the command in its card): "
                        f"{', '.join(untimed)}.")
         out.append("")
     searches = sorted((ROOT / "docs" / "search").glob("*.json"))
@@ -209,25 +209,19 @@ def compute_tsne(folder: Path, out_dir: Path = TSNE_DIR, data_root: Path | None 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import torch
     from sklearn.manifold import TSNE
 
     from cxr_demo.card import WEIGHTS_FILE
+    from cxr_demo.inference import feature_array
     from cxr_demo.models import load_weights
-    from cxr_demo.ood import features_and_logits
-    from training.data import DEFAULT_DATA_ROOT, cached_pixels
+    from training.data import cached_pixels
     from training.tasks import load_task
 
     card = read_card(folder)
     model = load_weights(card, Path(folder) / WEIGHTS_FILE)
-    records = load_task(card.task, data_root or DEFAULT_DATA_ROOT).test
+    records = load_task(card.task, data_root).test
     pixels = cached_pixels(records, card.input_size, card.crop)
-    feats = []
-    with torch.inference_mode():
-        for i in range(0, len(pixels), 64):
-            x = (torch.from_numpy(pixels[i : i + 64]).float()[:, None] / 255.0 - card.mean) / card.std
-            feats.append(features_and_logits(model, x)[0].numpy())
-    f = np.concatenate(feats)
+    f = feature_array(model, pixels, card.mean, card.std)
     xy = TSNE(n_components=2, perplexity=min(perplexity, (len(f) - 1) / 3), init="pca", random_state=0).fit_transform(
         (f - f.mean(0)) / (f.std(0) + 1e-6))
     Y = np.stack([r.labels for r in records])

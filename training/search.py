@@ -27,6 +27,8 @@ from pathlib import Path
 
 import optuna
 
+from training.train import main as train_main
+
 log = logging.getLogger(__name__)
 
 
@@ -48,7 +50,6 @@ def main(argv: list[str] | None = None) -> dict:
     train_args = [a for a in args.train_args if a != "--"]
     if any(a in train_args for a in ("--lr", "--weight-decay", "--drop-rate", "--name", "--out")):
         raise SystemExit("--lr, --weight-decay, --drop-rate, --name and --out are set by the search")
-    from training.train import main as train_main
 
     record_path = args.record_dir / f"{args.study}.json"
     startup = args.startup_trials if args.startup_trials is not None else max(2, args.trials // 3)

@@ -5,11 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cxr_demo.labels import NIH14_LABELS
 import numpy as np
 
+from cxr_demo import paths
+from cxr_demo.labels import NIH14_LABELS
 from training.data import (
-    COVID_LABELS, KERMANY_LABELS, Record, chexpert_records, covid_records, kermany_records, nih_records, patient_split,
+    COVID_LABELS,
+    KERMANY_LABELS,
+    Record,
+    chexpert_records,
+    covid_records,
+    kermany_records,
+    nih_records,
+    patient_split,
 )
 
 TASKS = ("nih14", "kermany2", "kermany3", "covid3", "chexpert", "pretrain")
@@ -61,13 +69,13 @@ def pretrain_records(data_root: Path, nih_val_fraction: float = 0.15, seed: int 
     return out
 
 
-def load_task(task: str, data_root: Path, chexpert_csv: Path | None = None, uncertain: str = "zeros") -> TaskData:
+def load_task(task: str, data_root: Path | None = None, chexpert_csv: Path | None = None, uncertain: str = "zeros") -> TaskData:
     """Records of ``task`` under ``data_root`` (the layout of ``../shared/data``).
 
     Raises:
         ValueError: unknown task, or ``chexpert`` without a CSV.
     """
-    data_root = Path(data_root)
+    data_root = Path(data_root) if data_root is not None else paths.data_root()
     if task == "nih14":
         return TaskData(
             nih_records(data_root / "nih14"), list(NIH14_LABELS), "multilabel",

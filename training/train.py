@@ -34,12 +34,19 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from cxr_demo import INTENDED_USE
-from cxr_demo.card import ModelCard, read_card, write_card, WEIGHTS_FILE
-from cxr_demo.inference import logits_to_probabilities
-from cxr_demo.models import default_cam_layer, load_weights, sha256_file
-from training.data import DEFAULT_DATA_ROOT, UNCERTAIN_POLICIES, cached_pixels, patient_split
+from cxr_demo.cam import default_cam_layer
+from cxr_demo.card import WEIGHTS_FILE, ModelCard, read_card, write_card
+from cxr_demo.inference import normalise, predict_array, unit_batch
+from cxr_demo.models import load_weights, sha256_file
+from training.data import UNCERTAIN_POLICIES, add_data_root_argument, cached_pixels, patient_split
+from training.evaluate import evaluate_checkpoint
 from training.losses import (
-    MULTICLASS_LOSSES, MULTILABEL_LOSSES, log_inverse_frequency, multiclass_loss, multilabel_loss, sample_weights,
+    MULTICLASS_LOSSES,
+    MULTILABEL_LOSSES,
+    log_inverse_frequency,
+    multiclass_loss,
+    multilabel_loss,
+    sample_weights,
 )
 from training.metrics import macro_auroc, tune_thresholds
 from training.models import create_training_model, model_args_for
@@ -79,20 +86,6 @@ def augment(x: torch.Tensor, gen: torch.Generator, max_rot_deg: float = 7.0, sca
     return ((x - mean) * contrast + mean + bright).clamp(0, 1)
 
 
-def predict_array(model: torch.nn.Module, pixels: np.ndarray, mean: float, std: float, task_kind: str,
-                  batch_size: int = 64, device: torch.device | None = None) -> np.ndarray:
-    """Probabilities for a cached uint8 array (N, S, S)."""
-    model.eval()
-    device = device or next(model.parameters()).device
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(pixels), batch_size):
-            x = torch.from_numpy(pixels[i : i + batch_size]).to(device).float()[:, None] / 255.0
-            x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-            out.append(logits_to_probabilities(model(x).float(), task_kind).cpu().numpy())
-    return np.concatenate(out)
-
-
 def _distributed() -> tuple[int, int]:
     """(rank, world size); starts the process group when launched by torchrun with more than one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -127,7 +120,7 @@ def _init_model(args: argparse.Namespace, n_classes: int) -> tuple[torch.nn.Modu
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="nih14", choices=TASKS)
-    p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
+    add_data_root_argument(p)
     p.add_argument("--chexpert-csv", type=Path, help="task chexpert: the CSV (paths relative to its folder)")
     p.add_argument("--uncertain", choices=UNCERTAIN_POLICIES, default="zeros", help="CheXpert -1 labels")
     p.add_argument("--arch", default="tf_efficientnet_lite0", help="a timm model name, or cxr_small_cnn")
@@ -258,8 +251,7 @@ def main(argv: list[str] | None = None) -> Path:
         for i in tqdm(range(0, len(train), args.batch_size), desc=f"epoch {epoch + 1}/{args.epochs}",
                       disable=not show, leave=False):
             idx = order[i : i + args.batch_size].numpy()
-            x = torch.from_numpy(x_train[idx]).float()[:, None] / 255.0
-            x = (augment(x, gen, hflip=args.hflip) - mean) / std
+            x = normalise(augment(unit_batch(x_train[idx]), gen, hflip=args.hflip), mean, std)
             y = torch.from_numpy(y_train[idx])
             part = torch.tensor_split(torch.arange(len(idx)), world)[rank]  # this rank's share of the batch
             xb = x[part].to(device).contiguous(memory_format=torch.channels_last)
@@ -385,8 +377,6 @@ def main(argv: list[str] | None = None) -> Path:
     if world > 1:
         dist.destroy_process_group()
     if args.eval and task.test:
-        from training.evaluate import evaluate_checkpoint
-
         evaluate_checkpoint(folder, args.data_root)
     return folder
 

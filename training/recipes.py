@@ -1,12 +1,13 @@
-"""Retrain the whole zoo with one command, one checkpoint after another, timing each: the NIH
-ChestX-ray14 architectures, the paediatric pneumonia and COVID-19 models, and the in-domain
-pretraining comparison (two pretraining checkpoints in ``pretrain/`` and four NIH fine-tunes).
+"""The zoo's training recipes, and the whole zoo retrained with one command, one checkpoint after
+another, timing each: the NIH ChestX-ray14 architectures, the paediatric pneumonia and COVID-19 models,
+and the in-domain pretraining comparison (two pretraining checkpoints in ``pretrain/`` and four NIH
+fine-tunes).
 
 Example (the committed zoo; about 2.5 h on a 2-core CPU)::
 
-    python -m training.zoo                      # every entry below
-    python -m training.zoo --only nih14-resnet50 nih14-densenet121
-    python -m training.zoo --skip-existing      # resume an interrupted retrain
+    python -m training.recipes                      # every entry below
+    python -m training.recipes --only nih14-resnet50 nih14-densenet121
+    python -m training.recipes --skip-existing      # resume an interrupted retrain
 
 Each entry is an ordinary ``python -m training.train`` command (printed before it runs), so any one
 checkpoint can be reproduced on its own. Wall times go to ``docs/zoo-retrain.json``.
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from training.train import main as train_main
+
 log = logging.getLogger(__name__)
 
 # Random-init models train at a smaller input size on the CPU: with 1.2k training images they gain
@@ -35,7 +38,7 @@ PRETRAIN = ["--task", "pretrain", "--arch", "tf_efficientnet_lite0", "--input-si
             "--loss", "bce", "--out", "pretrain", "--no-eval"]
 # Paediatric and COVID-19 tasks: 224 px source images, trained at 128 px to fit a CPU session.
 SMALL_TASK = ["--arch", "tf_efficientnet_lite0", "--init", "imagenet", "--input-size", "128", "--epochs", "5", "--patience", "2"]
-ZOO: dict[str, list[str]] = {
+RECIPES: dict[str, list[str]] = {
     "nih14-efficientnet-lite0": [*NIH, "--arch", "tf_efficientnet_lite0", "--init", "imagenet", "--epochs", "14"],
     "nih14-small-cnn": [*NIH, "--arch", "cxr_small_cnn", "--init", "random", "--epochs", "15"],
     "nih14-mobilenetv3-large": [*NIH, "--arch", "mobilenetv3_large_100", "--init", "random", "--epochs", "12"],
@@ -67,21 +70,20 @@ def _done(name: str, entry: list[str], default_out: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="+", choices=sorted(ZOO), help="train just these entries")
+    p.add_argument("--only", nargs="+", choices=sorted(RECIPES), help="train just these entries")
     p.add_argument("--skip-existing", action="store_true", help="skip entries whose folder has an eval.json")
     p.add_argument("--out", type=Path, default=Path("checkpoints"))
     p.add_argument("--timings", type=Path, default=Path("docs/zoo-retrain.json"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    from training.train import main as train_main
 
     timings = json.loads(args.timings.read_text()) if args.timings.exists() else {"runs": {}}
     started = time.time()
-    for name in args.only or list(ZOO):
-        if args.skip_existing and _done(name, ZOO[name], args.out):
+    for name in args.only or list(RECIPES):
+        if args.skip_existing and _done(name, RECIPES[name], args.out):
             log.info("skip %s (already trained)", name)
             continue
-        cmd = ["--name", name, *ZOO[name]]
+        cmd = ["--name", name, *RECIPES[name]]
         if "--out" not in cmd and args.out != Path("checkpoints"):
             cmd += ["--out", str(args.out)]
         log.info("python -m training.train %s", shlex.join(cmd))

@@ -1,7 +1,7 @@
 """Serving benchmark: each model's own cost (the floor) against end-to-end latency through the app.
 
-    python -m cxr_demo.bench                      # every zoo model, 30 requests per endpoint
-    python -m cxr_demo.bench --concurrency 8 --requests-per-client 100
+    python -m bench.serving                      # every zoo model, 30 requests per endpoint
+    python -m bench.serving --concurrency 8 --requests-per-client 100
 
 Starts ``python app.py`` in a subprocess on a free port (so cold start is measured as a user sees
 it), then drives it with ``gradio_client``. Prints markdown tables; ``--json`` also writes the raw
@@ -24,12 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cxr_demo.groundtruth import nih_folder
 from cxr_demo.images import read_xray
 from cxr_demo.inference import preprocess
+from cxr_demo.paths import PROJECT_ROOT as ROOT
 from cxr_demo.zoo import Zoo
+from tests.helpers import http_call  # the README's plain-HTTP route, which the tests also run
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_IMAGE = ROOT.parent / "shared" / "data" / "nih14" / "images" / "00013118_008.png"
+DEFAULT_IMAGE = nih_folder() / "images" / "00013118_008.png"
 
 
 def _free_port() -> int:
@@ -98,8 +100,8 @@ def service_times(service, name: str, image: Path, repeats: int) -> dict[str, fl
     card = service.zoo.card(name)
     label = card.label_names[0]
     out: dict[str, float] = {}
-    for key, call in (("service_predict_s", lambda: service.predict(image, name, card.operating_points[0])),
-                      ("service_explain_s", lambda: service.explain(image, name, label, "default"))):
+    for key, call in (("service_predict_s", lambda: service.predict(read_xray(image), name, card.operating_points[0])),
+                      ("service_explain_s", lambda: service.explain(read_xray(image), name, label, "default"))):
         out[key] = statistics.median(latencies(call, repeats))
     return out
 
@@ -140,33 +142,6 @@ def server_phases(summary: dict) -> dict[str, float]:
     return out
 
 
-def http_call(http, url: str, api_name: str, image: Path, *args) -> list:
-    """One request over Gradio's plain HTTP API, as ``curl`` would make it: upload the file, POST the call,
-    read the server-sent events until ``complete`` (and fetch a returned image, as gradio_client does).
-    No client library: this separates what gradio_client adds from what the server takes."""
-    with open(image, "rb") as f:
-        r = http.post(url + "gradio_api/upload", files={"files": (image.name, f)})
-    r.raise_for_status()
-    file = {"path": r.json()[0], "meta": {"_type": "gradio.FileData"}}
-    r = http.post(f"{url}gradio_api/call/{api_name}", json={"data": [file, *args]})
-    r.raise_for_status()
-    event = r.json()["event_id"]
-    kind, data = None, None
-    with http.stream("GET", f"{url}gradio_api/call/{api_name}/{event}") as stream:
-        for line in stream.iter_lines():
-            if line.startswith("event:"):
-                kind = line[6:].strip()
-            elif line.startswith("data:") and kind in ("complete", "error"):
-                data = json.loads(line[5:]) if kind == "complete" else line[5:]
-                break
-    if kind != "complete":
-        raise RuntimeError(f"{api_name}: {data}")
-    for out in data:
-        if isinstance(out, dict) and out.get("url"):
-            http.get(out["url"]).raise_for_status()
-    return data
-
-
 def _peak_rss_mb(pid: int) -> float:
     """Peak resident set size (VmHWM) of a process, in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -180,7 +155,7 @@ def start_app(port: int, noop: bool = False) -> tuple[subprocess.Popen, float, s
     to ready, url)."""
     env = dict(os.environ, GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1", CXR_DEMO_LOG_LEVEL="WARNING",
                GRADIO_PROFILING="1")
-    cmd = [sys.executable, "-m", "cxr_demo.bench", "--serve-noop", str(port)] if noop else [sys.executable, "app.py"]
+    cmd = [sys.executable, "-m", "bench.serving", "--serve-noop", str(port)] if noop else [sys.executable, "app.py"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}/"
@@ -360,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         lines.append(text)
 
-    emit(f"Serving benchmark: `python -m cxr_demo.bench` on {results['cpu_threads']} CPU threads, image "
+    emit(f"Serving benchmark: `python -m bench.serving` on {results['cpu_threads']} CPU threads, image "
          f"{Path(image).name}, {args.requests} sequential requests per endpoint and model.\n")
     emit("| model | forward (ms) | fwd+bwd (ms) | in-process predict / explain (ms) | /predict median / p95 (ms) | "
           "ratio to forward | /explain median / p95 (ms) | ratio to fwd+bwd |")
@@ -402,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
           f"/explain p95 {c.get('explain_p95_s', float('nan')):.2f} s, server peak RSS {c['server_peak_rss_mib']:.0f} MiB, "
           f"wall {c['wall_s']:.0f} s")
     within = c["server_peak_rss_mib"] <= args.rss_bound_mib
-    from cxr_demo.ui import RECENT_UPLOAD_BYTES  # imports gradio: only where the table needs it
+    from cxr_demo.uploads import RECENT_UPLOAD_BYTES  # imports gradio: only where the table needs it
     emit(f"Peak RSS bound {args.rss_bound_mib:.0f} MiB (at most {results['max_loaded_models']} models loaded, "
          f"CXR_DEMO_MAX_LOADED_MODELS; {RECENT_UPLOAD_BYTES // 2**20} MiB of recently decoded uploads): {'kept' if within else 'EXCEEDED'}.")
     for e in c["error_examples"]:

@@ -8,7 +8,7 @@ chip's dense-matmul rate the training step reaches.
 
 Example::
 
-    python -m training.bench --size 224 --batch-size 16 --markdown docs/bench/training-cpu2.md
+    python -m bench.training_step --size 224 --batch-size 16 --markdown docs/bench/training-cpu2.md
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from training.models import create_training_model
+
 log = logging.getLogger(__name__)
 
-# The zoo's architectures (training/zoo.py trains these on NIH).
+# The zoo's architectures (training/recipes.py trains these on NIH).
 DEFAULT_ARCHS = [
     "tf_efficientnet_lite0", "tf_efficientnet_lite1", "mobilenetv3_large_100", "resnet34", "resnet50",
     "densenet121", "swin_tiny_patch4_window7_224", "vit_small_patch16_224", "cxr_small_cnn",
@@ -68,8 +70,6 @@ def train_flops_per_image(model: torch.nn.Module, size: int) -> float:
 
 def bench_arch(arch: str, size: int, batch_size: int, steps: int, device: torch.device) -> dict:
     """Time optimiser steps of one architecture; returns a row of the table."""
-    from training.models import create_training_model
-
     model = create_training_model(arch, num_classes=14, drop_rate=0.0)
     params = sum(p.numel() for p in model.parameters())
     flops = train_flops_per_image(model, size)
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(text)
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(text + "\n\nReproduce: `python -m training.bench " + " ".join(argv or []) + "`\n")
+        args.markdown.write_text(text + "\n\nReproduce: `python -m bench.training_step " + " ".join(argv or []) + "`\n")
         args.markdown.with_suffix(".json").write_text(json.dumps(
             {"device": where, "size": args.size, "batch_size": args.batch_size, "matmul_gflops": chip, "rows": rows},
             indent=2) + "\n")

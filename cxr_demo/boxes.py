@@ -1,0 +1,143 @@
+"""Boxes: a heatmap becomes boxes, and boxes are scored against ground truth.
+
+One module for the app's ``/explain`` and the localisation study alike, so both draw at most
+:data:`MAX_BOXES` boxes per heatmap and score each ground-truth box the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+Box = tuple[float, float, float, float]  # x, y, w, h in pixels
+
+DEFAULT_BOX_THRESHOLD = 0.5  # of the heatmap's maximum
+# "Every connected region" keeps at most this many boxes (largest first), so a rule cannot win by
+# scattering boxes over the image.
+MAX_BOXES = 3
+
+
+@dataclass(frozen=True)
+class BoxRule:
+    """How a heatmap becomes boxes.
+
+    Attributes:
+        threshold: for ``mode="relative"`` a fraction of the heatmap's maximum; for ``"adaptive"``
+            the number k of standard deviations above the heatmap's mean (``mean + k * std``).
+        mode: ``"relative"`` or ``"adaptive"``.
+        regions: ``"largest"`` (one box, the largest connected region) or ``"all"`` (one box per region).
+        fit: ``"rect"`` (bounding rectangle of the region) or ``"moments"`` (a box centred on the
+            region's heat-weighted centroid, sized from its heat-weighted spread: tighter for diffuse maps).
+    """
+
+    threshold: float = DEFAULT_BOX_THRESHOLD
+    mode: str = "relative"
+    regions: str = "largest"
+    fit: str = "rect"
+
+    def describe(self) -> str:
+        level = f">= {self.threshold:g} x max" if self.mode == "relative" else f">= mean + {self.threshold:g} std"
+        what = "largest connected region" if self.regions == "largest" else "every connected region"
+        fit = "bounding rectangle" if self.fit == "rect" else "moment-fitted box"
+        return f"{what} of heatmap {level}, {fit}"
+
+
+def heatmap_to_boxes(
+    heatmap: np.ndarray, threshold: float = DEFAULT_BOX_THRESHOLD, largest_only: bool = True,
+    rule: BoxRule | None = None,
+) -> list[Box]:
+    """Boxes around the connected regions where the heatmap passes a threshold.
+
+    Args:
+        heatmap: 2-D non-negative map in the image's pixel frame.
+        threshold: fraction of the heatmap's maximum a pixel must reach (ignored when ``rule`` is given).
+        largest_only: keep only the largest connected region (ignored when ``rule`` is given).
+        rule: the full box rule; overrides ``threshold`` and ``largest_only``.
+
+    Returns:
+        Boxes as (x, y, w, h) in pixels, largest region first; empty if the heatmap is all zero.
+    """
+    rule = rule or BoxRule(threshold, "relative", "largest" if largest_only else "all", "rect")
+    peak = float(np.max(heatmap)) if heatmap.size else 0.0
+    if peak <= 0:
+        return []
+    if rule.mode == "relative":
+        level = rule.threshold * peak
+    elif rule.mode == "adaptive":
+        level = min(float(heatmap.mean() + rule.threshold * heatmap.std()), peak)
+    else:
+        raise ValueError(f"unknown box-rule mode {rule.mode!r}")
+    mask = heatmap >= level
+    labelled, n = ndimage.label(mask)
+    if n == 0:
+        return []
+    sizes = ndimage.sum_labels(mask, labelled, index=np.arange(1, n + 1))
+    order = np.argsort(-sizes, kind="stable")
+    slices = ndimage.find_objects(labelled)
+    boxes: list[Box] = []
+    for i in order[:1] if rule.regions == "largest" else order:
+        sy, sx = slices[i]
+        if rule.fit == "moments":
+            boxes.append(_moment_box(heatmap, labelled == i + 1))
+        else:
+            boxes.append((float(sx.start), float(sy.start), float(sx.stop - sx.start), float(sy.stop - sy.start)))
+    return boxes
+
+
+def predicted_boxes(heatmap: np.ndarray, rule: BoxRule) -> list[Box]:
+    """The boxes shown and scored for a heatmap: the rule's regions, at most :data:`MAX_BOXES`."""
+    return heatmap_to_boxes(heatmap, rule=rule)[:MAX_BOXES]
+
+
+def _moment_box(heatmap: np.ndarray, region: np.ndarray) -> Box:
+    """A box with the heat-weighted centroid and spread of ``region`` (width = sqrt(12) * std, the
+    width of a uniform distribution with that spread), clipped to the image."""
+    ys, xs = np.nonzero(region)
+    w = heatmap[ys, xs].astype(np.float64)
+    w = w / w.sum()
+    cx, cy = float((xs * w).sum()), float((ys * w).sum())
+    sx = float(np.sqrt(((xs - cx) ** 2 * w).sum() + 1 / 12))
+    sy = float(np.sqrt(((ys - cy) ** 2 * w).sum() + 1 / 12))
+    half_w, half_h = np.sqrt(12) * sx / 2, np.sqrt(12) * sy / 2
+    x0, y0 = max(cx + 0.5 - half_w, 0.0), max(cy + 0.5 - half_h, 0.0)
+    x1 = min(cx + 0.5 + half_w, float(heatmap.shape[1]))
+    y1 = min(cy + 0.5 + half_h, float(heatmap.shape[0]))
+    return (x0, y0, x1 - x0, y1 - y0)
+
+
+def _intersection(a: Box, b: Box) -> float:
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    iw = min(ax + aw, bx + bw) - max(ax, bx)
+    ih = min(ay + ah, by + bh) - max(ay, by)
+    return max(iw, 0.0) * max(ih, 0.0)
+
+
+def box_iou(a: Box, b: Box) -> float:
+    """Intersection over union of two (x, y, w, h) boxes; 0 when either is empty."""
+    inter = _intersection(a, b)
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return inter / union if union > 0 else 0.0
+
+
+def box_iobb(pred: Box, truth: Box) -> float:
+    """Intersection over the ground-truth box's area (IoBB, Wang et al. 2017)."""
+    area = truth[2] * truth[3]
+    return _intersection(pred, truth) / area if area > 0 else 0.0
+
+
+def match_truth(pred: Sequence[Box], truth: Sequence[Box]) -> list[tuple[float, float]]:
+    """Per ground-truth box, the best IoU and the best IoBB over the predicted boxes (0 without any)."""
+    return [(max((box_iou(p, t) for p in pred), default=0.0), max((box_iobb(p, t) for p in pred), default=0.0))
+            for t in truth]
+
+
+def best_match(pred: Sequence[Box], truth: Sequence[Box]) -> tuple[float | None, float | None]:
+    """Best IoU and IoBB over all (predicted, ground-truth) pairs; ``None`` without both."""
+    if not pred or not truth:
+        return None, None
+    per_box = match_truth(pred, truth)
+    return max(i for i, _ in per_box), max(b for _, b in per_box)

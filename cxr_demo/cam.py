@@ -1,0 +1,229 @@
+"""Class activation maps: the methods, the layer each model family is explained at, and the settings
+an ``/explain`` request resolves to.
+
+pytorch-grad-cam needs gradients (never run it under ``torch.inference_mode``/``no_grad``) and keeps
+its hooks on the module: a shared model must not run two CAMs at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cxr_demo.boxes import BoxRule
+from cxr_demo.card import ChoiceError, ModelCard
+from cxr_demo.images import crop_rect
+
+log = logging.getLogger(__name__)
+
+# pytorch-grad-cam class per method; imported on first use (it pulls in OpenCV: ~2.5 s of the app's start).
+CAM_METHODS: dict[str, str] = {
+    "gradcam": "GradCAM",
+    "gradcam++": "GradCAMPlusPlus",
+    "hirescam": "HiResCAM",
+    "eigencam": "EigenCAM",
+    "xgradcam": "XGradCAM",
+    "layercam": "LayerCAM",
+    "scorecam": "ScoreCAM",
+    "ablationcam": "AblationCAM",
+}
+CAM_LABELS: dict[str, str] = {
+    "gradcam": "Grad-CAM",
+    "gradcam++": "Grad-CAM++",
+    "hirescam": "HiResCAM",
+    "eigencam": "EigenCAM",
+    "xgradcam": "XGrad-CAM",
+    "layercam": "LayerCAM",
+    "scorecam": "Score-CAM (slow)",
+    "ablationcam": "Ablation-CAM (slow)",
+}
+DEFAULT_CAM_METHOD = "gradcam"
+
+# CAM target layer per timm family (checked on timm 1.0.31 with in_chans=1). The first matching
+# prefix of the architecture name wins. Transformers also need a reshape, see ``reshape_for``.
+CAM_TARGET_LAYERS: dict[str, str] = {
+    "resnet": "layer4.-1",
+    "densenet": "features.-1",
+    "efficientnet": "bn2",
+    "tf_efficientnet": "bn2",
+    "mobilenetv3": "blocks.-1",  # conv_head runs after global pooling in MobileNetV3
+    "tf_mobilenetv3": "blocks.-1",
+    "convnext": "stages.-1",
+    "swin": "layers.-1.blocks.-1.norm1",
+    "vit": "blocks.-1.norm1",
+    "deit": "blocks.-1.norm1",
+    "beit": "blocks.-1.norm1",
+    "test_resnet": "layer4.-1",
+    "test_efficientnet": "bn2",
+    "test_vit": "blocks.-1.norm1",
+    "test_convnext": "stages.-1",
+    "cxr_small_cnn": "features.-1",
+}
+# Families whose activations are tokens (B, N, C) with prefix tokens; Swin's are (B, H, W, C).
+TOKEN_FAMILIES = ("vit", "deit", "beit", "test_vit")
+
+
+def default_cam_layer(architecture: str) -> str:
+    """The CAM target layer for a timm architecture name (longest matching family prefix)."""
+    matches = [k for k in CAM_TARGET_LAYERS if architecture.startswith(k)]
+    if not matches:
+        raise KeyError(
+            f"no CAM target layer known for {architecture!r}; add its family to CAM_TARGET_LAYERS "
+            "or set cam_target_layer in the card"
+        )
+    return CAM_TARGET_LAYERS[max(matches, key=len)]
+
+
+def resolve_module(model: torch.nn.Module, dotted: str) -> torch.nn.Module:
+    """Find a sub-module by a dotted path in which integers index sequences (``layer4.-1``)."""
+    module: torch.nn.Module = model
+    for part in dotted.split("."):
+        if part.lstrip("-").isdigit():
+            index = int(part)
+            module = module[index] if hasattr(module, "__getitem__") else list(module.children())[index]
+        else:
+            module = getattr(module, part)
+    return module
+
+
+def reshape_for(model: torch.nn.Module, architecture: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A reshape_transform for pytorch-grad-cam, for families whose activations are not (B,C,H,W)."""
+    if architecture.startswith("swin"):
+        # Swin block outputs are (B, H, W, C).
+        return lambda t: t.permute(0, 3, 1, 2)
+    if architecture.startswith(TOKEN_FAMILIES):
+        n_prefix = getattr(model, "num_prefix_tokens", 1)
+        grid = model.patch_embed.grid_size
+
+        def _vit(t: torch.Tensor) -> torch.Tensor:
+            t = t[:, n_prefix:, :]
+            return t.reshape(t.shape[0], grid[0], grid[1], t.shape[2]).permute(0, 3, 1, 2)
+
+        return _vit
+    return None
+
+
+def cam_class(method: str) -> type:
+    """The pytorch-grad-cam class of a method name (a key of :data:`CAM_METHODS`)."""
+    import pytorch_grad_cam
+
+    return getattr(pytorch_grad_cam, CAM_METHODS[method])
+
+
+def compute_heatmap(
+    model: torch.nn.Module,
+    card: ModelCard,
+    input_tensor: torch.Tensor,
+    class_index: int,
+    method: str = DEFAULT_CAM_METHOD,
+    layer: str | None = None,
+) -> np.ndarray:
+    """A class activation map for one image, at the model's input resolution, scaled to [0, 1].
+
+    ``layer`` overrides the card's CAM target layer (a dotted path such as ``blocks.4``).
+    """
+    return heatmap_and_logits(model, card, input_tensor, class_index, method, layer)[0]
+
+
+def heatmap_and_logits(
+    model: torch.nn.Module,
+    card: ModelCard,
+    input_tensor: torch.Tensor,
+    class_index: int | None,
+    method: str = DEFAULT_CAM_METHOD,
+    layer: str | None = None,
+) -> tuple[np.ndarray, torch.Tensor, int]:
+    """:func:`compute_heatmap` that also returns the logits of the CAM's own forward pass (so the
+    probabilities cost no second forward) and the class explained (``None``: the top-scoring one)."""
+    if method not in CAM_METHODS:
+        raise KeyError(f"unknown CAM method {method!r}; choose one of {sorted(CAM_METHODS)}")
+    target = resolve_module(model, layer or card.cam_target_layer)
+    kwargs = {}
+    reshape = reshape_for(model, card.architecture)
+    if reshape is not None:
+        kwargs["reshape_transform"] = reshape
+    if reshape is not None and method == "ablationcam":
+        # Token / channels-last activations: ablate the last dimension (pytorch-grad-cam's ViT layer
+        # transposes channels to dim 1 and back, which also fits Swin's (B, H, W, C)).
+        from pytorch_grad_cam.ablation_layer import AblationLayerVit
+
+        kwargs["ablation_layer"] = AblationLayerVit()
+    x = input_tensor.detach().clone()  # a tensor born under inference_mode cannot take part in autograd
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    cam = cam_class(method)(model=model, target_layers=[target], **kwargs)
+    if method in {"scorecam", "ablationcam"}:
+        cam.batch_size = 32
+    # Not ``with cam:``: BaseCAM.__exit__ prints and swallows IndexError, hiding real failures.
+    try:
+        # targets=None: pytorch-grad-cam explains the arg-max logit, the top finding (sigmoid and softmax
+        # are monotonic), and keeps that forward pass's output in ``cam.outputs``.
+        targets = None if class_index is None else [ClassifierOutputTarget(class_index)]
+        grayscale = cam(input_tensor=x, targets=targets)
+        logits = cam.outputs.detach()
+    finally:
+        cam.activations_and_grads.release()
+    index = int(logits[0].argmax()) if class_index is None else class_index
+    heat = np.asarray(grayscale[0], dtype=np.float32)
+    heat = np.nan_to_num(heat, nan=0.0, posinf=0.0, neginf=0.0)
+    peak = float(heat.max())
+    return (heat / peak if peak > 0 else heat), logits, index
+
+
+def resize_heatmap(heatmap: np.ndarray, width: int, height: int,
+                   crop: tuple[float, float, float, float] | None = None) -> np.ndarray:
+    """Map a heatmap of the model's input back to the image's pixel frame (bilinear).
+
+    With a ``crop`` (the card's, as :func:`cxr_demo.images.resize_gray` cut it), the heatmap covers only
+    that rectangle of the image; outside it the model saw nothing and the map is 0.
+    """
+    if crop is None:
+        im = Image.fromarray(np.ascontiguousarray(heatmap, dtype=np.float32))
+        return np.asarray(im.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
+    x0, y0, x1, y1 = crop_rect(width, height, crop)
+    out = np.zeros((height, width), dtype=np.float32)
+    out[y0:y1, x0:x1] = resize_heatmap(heatmap, x1 - x0, y1 - y0)
+    return out
+
+
+@dataclass(frozen=True)
+class ExplainSettings:
+    """What an ``/explain`` request runs: CAM method, target layer and heatmap -> box rule."""
+
+    method: str
+    layer: str
+    rule: BoxRule
+
+
+def explain_settings(card: ModelCard, method: str | None = None, box_threshold: float | None = None) -> ExplainSettings:
+    """The settings of a request; ``method`` ``"default"`` (or None) means the card's studied choice
+    (``explain_defaults`` from ``training.localisation``), else Grad-CAM at the card's layer.
+    ``box_threshold`` None or 0 keeps the studied box rule; otherwise the largest region above that
+    fraction of the heatmap's maximum.
+
+    Raises:
+        ChoiceError: an unknown method, or a box threshold outside 0.05-0.95.
+    """
+    method = (method or "default").strip().lower()
+    layer = card.cam_target_layer
+    tuned = BoxRule()
+    if card.explain_defaults is not None:
+        tuned = BoxRule(**card.explain_defaults.box_rule)
+    if method == "default":
+        if card.explain_defaults is not None:
+            method, layer = card.explain_defaults.method, card.explain_defaults.layer
+        else:
+            method = DEFAULT_CAM_METHOD
+    if method not in CAM_METHODS:
+        raise ChoiceError(f"Unknown heatmap method {method[:40]!r}; choose one of: {', '.join(CAM_METHODS)}, default.")
+    if box_threshold is None or float(box_threshold) == 0.0:
+        return ExplainSettings(method, layer, tuned)
+    if not 0.05 <= float(box_threshold) <= 0.95:
+        raise ChoiceError("The box threshold must be 0 (the model's tuned rule) or between 0.05 and 0.95 of the "
+                          "heatmap's maximum.")
+    return ExplainSettings(method, layer, BoxRule(float(box_threshold), "relative", "largest", "rect"))
