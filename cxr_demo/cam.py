@@ -130,6 +130,12 @@ def compute_heatmap(
     return heatmap_and_logits(model, card, input_tensor, class_index, method, layer)[0]
 
 
+def target_layers(model: torch.nn.Module, layers: str) -> list[torch.nn.Module]:
+    """The modules of a CAM layer setting: one dotted path, or several joined by commas (an ensemble's
+    members; pytorch-grad-cam scales each layer's map to [0, 1] and averages them)."""
+    return [resolve_module(model, part.strip()) for part in layers.split(",")]
+
+
 def heatmap_and_logits(
     model: torch.nn.Module,
     card: ModelCard,
@@ -142,7 +148,7 @@ def heatmap_and_logits(
     probabilities cost no second forward) and the class explained (``None``: the top-scoring one)."""
     if method not in CAM_METHODS:
         raise KeyError(f"unknown CAM method {method!r}; choose one of {sorted(CAM_METHODS)}")
-    target = resolve_module(model, layer or card.cam_target_layer)
+    layers = target_layers(model, layer or card.cam_target_layer)
     kwargs = {}
     reshape = reshape_for(model, card.architecture)
     if reshape is not None:
@@ -156,7 +162,7 @@ def heatmap_and_logits(
     x = input_tensor.detach().clone()  # a tensor born under inference_mode cannot take part in autograd
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    cam = cam_class(method)(model=model, target_layers=[target], **kwargs)
+    cam = cam_class(method)(model=model, target_layers=layers, **kwargs)
     if method in {"scorecam", "ablationcam"}:
         cam.batch_size = 32
     # Not ``with cam:``: BaseCAM.__exit__ prints and swallows IndexError, hiding real failures.

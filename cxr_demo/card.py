@@ -176,7 +176,21 @@ class ModelCard(BaseModel):
             "operating_points": self.operating_points,
             "headline_metrics": headline,
             "intended_use": self.intended_use,
+            **({"members": [m["name"] for m in self.model_args["members"]]} if "members" in self.model_args else {}),
         }
+
+
+def zoo_order(cards: list[ModelCard]) -> list[str]:
+    """Model names in the order the app offers them, its default first: NIH ChestX-ray14 models by
+    validation macro AUROC (best first; never by test AUROC: the default is a model choice, and model
+    choices are made on validation), then the other tasks' the same way; models without a validation
+    number last within their task."""
+
+    def key(card: ModelCard) -> tuple:
+        auc = card.training.get("val_macro_auroc")
+        return (card.task != "nih14", card.task, -(auc if isinstance(auc, int | float) else -1.0), card.name)
+
+    return [c.name for c in sorted(cards, key=key)]
 
 
 def checkpoint_folders(root: Path) -> list[Path]:

@@ -1,6 +1,8 @@
 """Preprocessing and probabilities: one implementation for the app, evaluation and training.
 
-A single image goes through :func:`preprocess`; a cached uint8 batch (training's image cache) through
+Every image the models see, in training, evaluation or the app, goes through :func:`prepare_pixels`
+(crop, resize, round to 8 bits) and then :func:`normalise_batch`: the app serves exactly what was
+evaluated. A single image takes :func:`preprocess`; training's cached uint8 arrays take
 :func:`normalise_batch`, :func:`predict_array` and :func:`feature_array`.
 """
 
@@ -10,14 +12,19 @@ import numpy as np
 import torch
 
 from cxr_demo.card import ModelCard
-from cxr_demo.images import resize_gray
+from cxr_demo.images import Crop, resize_gray
+
+
+def prepare_pixels(pixels: np.ndarray, size: int, crop: Crop | None = None) -> np.ndarray:
+    """A [0,1] grayscale image -> the (size, size) uint8 array a model sees: cropped, resized, and rounded
+    to 8 bits as the training cache stores it (a sub-8-bit difference moved ImageNet-stem models' outputs
+    by up to 0.35, so serving must not skip the rounding)."""
+    return np.clip(np.rint(resize_gray(pixels, size, crop) * 255.0), 0, 255).astype(np.uint8)
 
 
 def preprocess(pixels: np.ndarray, card: ModelCard) -> torch.Tensor:
     """A [0,1] grayscale image -> normalised (1, 1, S, S) tensor as the card's model expects."""
-    arr = resize_gray(pixels, card.input_size, card.crop)
-    x = torch.from_numpy((arr - card.mean) / card.std).float()
-    return x[None, None]
+    return normalise_batch(prepare_pixels(pixels, card.input_size, card.crop)[None], card.mean, card.std)
 
 
 def unit_batch(batch_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:

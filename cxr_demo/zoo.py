@@ -15,7 +15,17 @@ from pathlib import Path
 
 import torch
 
-from cxr_demo.card import CARD_FILE, EVAL_FILE, WEIGHTS_FILE, CardError, ModelCard, checkpoint_folders, read_card
+from cxr_demo.card import (
+    CARD_FILE,
+    EVAL_FILE,
+    WEIGHTS_FILE,
+    CardError,
+    ModelCard,
+    checkpoint_folders,
+    read_card,
+    zoo_order,
+)
+from cxr_demo.ensemble import ENSEMBLE_ARCHITECTURE, ProbabilityEnsemble, members_digest
 from cxr_demo.models import WeightsError, load_weights, sha256_file
 from cxr_demo.ood import OODDetector
 from cxr_demo.paths import DEFAULT_CHECKPOINTS
@@ -97,19 +107,19 @@ class Zoo:
                 continue
             self.cards[card.name] = card
             self.folders[card.name] = folder
+        for name in [n for n, c in self.cards.items() if c.architecture == ENSEMBLE_ARCHITECTURE]:
+            try:
+                self._check_ensemble(self.cards[name])
+            except CardError as e:
+                log.error("skipping checkpoint %s: %s", name, e)
+                self.problems[name] = str(e)
+                del self.cards[name], self.folders[name]
         log.info("zoo: %d models from %s", len(self.cards), self.source.describe())
 
     @property
     def names(self) -> list[str]:
-        """Model names, the default first: NIH ChestX-ray14 models by evaluated macro AUROC (best first),
-        then the other tasks'; unevaluated models after evaluated ones."""
-
-        def key(name: str) -> tuple:
-            card = self.cards[name]
-            auc = card.eval_metrics.macro_auroc if card.eval_metrics and card.eval_metrics.macro_auroc else -1.0
-            return (card.task != "nih14", card.task, -auc, name)
-
-        return sorted(self.cards, key=key)
+        """Model names, the default first (:func:`cxr_demo.card.zoo_order`: by validation macro AUROC)."""
+        return zoo_order(list(self.cards.values()))
 
     def card(self, name: str) -> ModelCard:
         """The card of a zoo model.
@@ -140,7 +150,7 @@ class Zoo:
             if name in self._loaded:
                 self._loaded.move_to_end(name)
                 return self._loaded[name]
-        model = load_weights(card, self.weights_path(name))
+        model = self._build(card)
         with self._lock:
             self._loaded[name] = model
             self._loaded.move_to_end(name)
@@ -148,6 +158,37 @@ class Zoo:
                 dropped, _ = self._loaded.popitem(last=False)
                 log.info("zoo: unloaded %s (cache holds %d)", dropped, self.max_loaded)
         return model
+
+    def _build(self, card: ModelCard) -> torch.nn.Module:
+        if card.architecture != ENSEMBLE_ARCHITECTURE:
+            return load_weights(card, self.weights_path(card.name))
+        # Each member is verified against its own card's sha256, which the ensemble pinned (checked
+        # when the zoo was read).
+        members = [load_weights(self.cards[m["name"]], self.weights_path(m["name"])) for m in card.model_args["members"]]
+        return ProbabilityEnsemble(members, card.task_kind).eval()
+
+    def _check_ensemble(self, card: ModelCard) -> None:
+        """An ensemble card's members exist in this zoo, are the pinned weights, and read films as it does.
+
+        Raises:
+            CardError: which member is missing or differs, and how.
+        """
+        members = card.model_args.get("members")
+        if not isinstance(members, list) or not members:
+            raise CardError(f"ensemble {card.name!r} lists no members in model_args['members']")
+        if card.sha256 != members_digest(members):
+            raise CardError(f"ensemble {card.name!r}: its sha256 is not the digest of its member list; the list was "
+                            "edited by hand (rebuild it with python -m training.ensemble)")
+        for m in members:
+            other = self.cards.get(m.get("name"))
+            if other is None:
+                raise CardError(f"ensemble {card.name!r}: member {m.get('name')!r} is not in the zoo")
+            if other.sha256 != m.get("sha256"):
+                raise CardError(f"ensemble {card.name!r}: member {other.name!r} has other weights than the pinned ones")
+            same = ("task", "task_kind", "label_names", "input_size", "mean", "std", "crop")
+            diff = [f for f in same if getattr(other, f) != getattr(card, f)]
+            if diff:
+                raise CardError(f"ensemble {card.name!r}: member {other.name!r} differs in {', '.join(diff)}")
 
     def ood(self, name: str) -> OODDetector | None:
         """The model's out-of-distribution detector (sha256-checked), or None if its card has none."""
@@ -178,3 +219,13 @@ class Zoo:
     def eval_file(self, name: str) -> Path:
         """The model's evaluation file (``eval.json``; it may not exist for an unevaluated model)."""
         return self.folders[self.card(name).name] / EVAL_FILE
+
+
+def load_checkpoint(folder: Path) -> torch.nn.Module:
+    """The model of a local checkpoint folder (an ensemble finds its members beside it), verified as the
+    app loads it."""
+    folder = Path(folder)
+    zoo = Zoo(ZooSource(folder.parent), max_loaded=1)
+    if folder.name not in zoo.cards:
+        raise CardError(zoo.problems.get(folder.name, f"no usable checkpoint in {folder}"))
+    return zoo.model(folder.name)

@@ -7,15 +7,17 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
-from cxr_demo.card import read_card
+from cxr_demo.card import checkpoint_folders, read_card
+from cxr_demo.ensemble import ENSEMBLE_ARCHITECTURE, members_digest
 from cxr_demo.inference import predict_probabilities, preprocess
 from cxr_demo.models import load_weights, sha256_file
-from cxr_demo.zoo import DEFAULT_CHECKPOINTS
+from cxr_demo.zoo import DEFAULT_CHECKPOINTS, load_checkpoint
 from tests.helpers import NIH, synthetic_xray
 
 ROOT = Path(__file__).resolve().parent.parent
-FOLDERS = sorted(p.parent for p in DEFAULT_CHECKPOINTS.glob("*/config.json"))
+FOLDERS = checkpoint_folders(DEFAULT_CHECKPOINTS)
 
 
 def test_at_least_one_nih_checkpoint_is_committed():
@@ -26,7 +28,12 @@ def test_at_least_one_nih_checkpoint_is_committed():
 def test_checkpoint_is_consistent(folder):
     card = read_card(folder)
     assert card.name == folder.name
-    assert sha256_file(folder / "model.safetensors") == card.sha256
+    if card.architecture == ENSEMBLE_ARCHITECTURE:  # no weights of its own: it pins its members'
+        assert card.sha256 == members_digest(card.model_args["members"])
+        for m in card.model_args["members"]:
+            assert read_card(folder.parent / m["name"]).sha256 == m["sha256"]
+    else:
+        assert sha256_file(folder / "model.safetensors") == card.sha256
     ev = json.loads((folder / "eval.json").read_text())
     assert ev["weights_sha256"] == card.sha256, "eval.json was computed on other weights: re-run training.evaluate"
     m = card.eval_metrics
@@ -51,12 +58,36 @@ def test_checkpoint_is_consistent(folder):
             assert ev["operating_points"][op]["per_label"][lab]["threshold"] == expected
     if card.init.startswith("random"):
         assert "random" in card.summary
-    model = load_weights(card, folder / "model.safetensors")
+    model = load_checkpoint(folder)
     probs = predict_probabilities(model, card, preprocess(synthetic_xray(256), card))
     assert probs.shape == (1, card.num_classes)
 
 
-PRETRAIN = sorted(p.parent for p in (ROOT / "pretrain").glob("*/config.json"))
+@pytest.mark.parametrize("size, crop", [(224, None), (128, (0.15, 0.9, 0.2, 0.8))])
+def test_the_app_feeds_a_model_exactly_what_training_and_evaluation_fed_it(tmp_path, monkeypatch, size, crop):
+    """One film through the training cache (training and evaluation) and through the app's preprocessing
+    gives the identical tensor: the app serves what was evaluated."""
+    from PIL import Image
+
+    from cxr_demo.card import ModelCard
+    from cxr_demo.images import read_xray
+    from cxr_demo.inference import normalise_batch
+    from training.data import Record, cached_pixels
+
+    real = sorted((NIH / "images").glob("*.png"))[:2] if (NIH / "images").is_dir() else []
+    made = tmp_path / "synthetic.png"
+    Image.fromarray((synthetic_xray(300) * 255).astype("uint8")).save(made)
+    records = [Record(p, None, p.name, "test") for p in [made, *real]]
+    cached = cached_pixels(records, size, crop, cache_dir=tmp_path / "cache")
+    card = ModelCard(name="x", version="1", changelog=["x"], description="", summary="", task="nih14",
+                     task_kind="multilabel", architecture="x", label_names=["a"], input_size=size, mean=0.5, std=0.5,
+                     crop=crop, cam_target_layer="x", data_source="", init="", license="", sha256="0" * 64)
+    for i, r in enumerate(records):
+        served = preprocess(read_xray(r.path).pixels, card)
+        assert torch.equal(served, normalise_batch(cached[i : i + 1], card.mean, card.std)), r.path.name
+
+
+PRETRAIN = checkpoint_folders(ROOT / "pretrain")
 
 
 @pytest.mark.parametrize("folder", PRETRAIN, ids=[f.name for f in PRETRAIN])

@@ -15,7 +15,8 @@ import numpy as np
 from sklearn.model_selection import GroupShuffleSplit
 
 from cxr_demo.groundtruth import NIH_BOX_FILE, read_box_list, scale_boxes
-from cxr_demo.images import read_xray, resize_gray
+from cxr_demo.images import read_xray
+from cxr_demo.inference import prepare_pixels
 from cxr_demo.labels import NIH14_LABELS
 from cxr_demo.paths import PROJECT_ROOT
 
@@ -133,7 +134,7 @@ def cached_pixels(
             return arr
     arr = np.empty((len(records), size, size), dtype=np.uint8)
     for i, r in enumerate(records):
-        arr[i] = np.clip(np.rint(resize_gray(read_xray(r.path).pixels, size, crop) * 255), 0, 255)
+        arr[i] = prepare_pixels(read_xray(r.path).pixels, size, crop)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npy")
     np.save(tmp, arr)

@@ -20,14 +20,16 @@ import numpy as np
 
 from cxr_demo import paths
 from cxr_demo.cam import compute_heatmap, explain_settings, resize_heatmap
-from cxr_demo.card import EVAL_FILE, WEIGHTS_FILE, EvalMetrics, read_card, write_card
+from cxr_demo.card import EVAL_FILE, EvalMetrics, read_card, write_card
 from cxr_demo.inference import normalise_batch, predict_array
-from cxr_demo.models import load_weights
+from cxr_demo.zoo import load_checkpoint
 from training.data import add_data_root_argument, cached_pixels, nih_box_pairs, nih_boxes
 from training.metrics import bootstrap_auroc, operating_point_metrics, per_finding, safe_auroc, score_rule, summarise
 from training.tasks import load_task
 
 log = logging.getLogger(__name__)
+
+PREDICTIONS_FILE = "test_predictions.npz"
 
 
 def _roc_plot(Y: np.ndarray, P: np.ndarray, labels: list[str], aucs: list, path: Path, title: str) -> None:
@@ -90,12 +92,13 @@ def evaluate_checkpoint(folder: Path, data_root: Path | None = None, n_boot: int
     records = task.test
     if not records:
         raise ValueError(f"{card.name}: task {card.task} has no test images under {data_root}")
-    model = load_weights(card, folder / WEIGHTS_FILE)
+    model = load_checkpoint(folder)
     pixels = cached_pixels(records, card.input_size, card.crop)
     Y = np.stack([r.labels for r in records])
     P = predict_array(model, pixels, card.mean, card.std, card.task_kind)
     aucs = [safe_auroc(Y[:, j], P[:, j]) for j in range(Y.shape[1])]
-    cis, macro_ci = bootstrap_auroc(Y, P, n_boot=n_boot)
+    patients = np.array([r.patient for r in records])
+    cis, macro_ci = bootstrap_auroc(Y, P, n_boot=n_boot, groups=patients)
     valid = [a for a in aucs if a is not None]
     macro = float(np.mean(valid))
     per_label = {
@@ -130,7 +133,7 @@ def evaluate_checkpoint(folder: Path, data_root: Path | None = None, n_boot: int
         "n_patients": len({r.patient for r in records}),
         "macro_auroc": macro,
         "macro_auroc_ci95": macro_ci,
-        "bootstrap": {"resamples": n_boot, "unit": "image", "interval": "percentile 95%"},
+        "bootstrap": {"resamples": n_boot, "unit": "patient", "interval": "percentile 95%"},
         "per_label": per_label,
         "operating_points": ops,
         "localisation": boxes,
@@ -144,6 +147,11 @@ def evaluate_checkpoint(folder: Path, data_root: Path | None = None, n_boot: int
         result["confusion_matrix"] = {"rows_true_columns_predicted": card.label_names,
                                       "counts": confusion_matrix(truth, guess, labels=range(len(card.label_names))).tolist()}
     (folder / EVAL_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    # Per-image test probabilities, so that models can be compared (paired, training.compare) or
+    # combined without loading them again.
+    np.savez_compressed(folder / PREDICTIONS_FILE, images=np.array([r.path.name for r in records]), patients=patients,
+                        labels=Y.astype(np.uint8), probabilities=P.astype(np.float32),
+                        label_names=np.array(card.label_names), weights_sha256=np.array(card.sha256))
     card.eval_metrics = EvalMetrics(
         source_file=EVAL_FILE, dataset="NIH14 official test images here" if card.task == "nih14" else task.test_description,
         n_images=len(Y), macro_auroc=macro,

@@ -15,11 +15,13 @@ from pathlib import Path
 from huggingface_hub import HfApi
 
 from cxr_demo.card import CARD_FILE, EVAL_FILE, WEIGHTS_FILE, read_card
+from cxr_demo.ensemble import ENSEMBLE_ARCHITECTURE, members_digest
 from cxr_demo.models import WeightsError, sha256_file
 
 log = logging.getLogger(__name__)
 
-PUBLISHED_FILES = [CARD_FILE, WEIGHTS_FILE, EVAL_FILE, "roc.png", "train_log.jsonl", "ood.safetensors"]
+PUBLISHED_FILES = [CARD_FILE, WEIGHTS_FILE, EVAL_FILE, "roc.png", "train_log.jsonl", "ood.safetensors",
+                   "test_predictions.npz"]
 
 
 def push_to_hub(folder: Path, repo_id: str, revision: str | None = None, token: str | None = None,
@@ -31,9 +33,13 @@ def push_to_hub(folder: Path, repo_id: str, revision: str | None = None, token: 
     """
     folder = Path(folder)
     card = read_card(folder)
-    digest = sha256_file(folder / WEIGHTS_FILE)
-    if digest != card.sha256:
-        raise WeightsError(f"{folder}: weights sha256 {digest[:12]}... differs from the card; re-export first")
+    if card.architecture == ENSEMBLE_ARCHITECTURE:  # no weights of its own; push its members too
+        if card.sha256 != members_digest(card.model_args["members"]):
+            raise WeightsError(f"{folder}: the member list does not match the card's sha256; rebuild the ensemble")
+    else:
+        digest = sha256_file(folder / WEIGHTS_FILE)
+        if digest != card.sha256:
+            raise WeightsError(f"{folder}: weights sha256 {digest[:12]}... differs from the card; re-export first")
     if not (folder / EVAL_FILE).is_file():
         raise FileNotFoundError(f"{folder} has no {EVAL_FILE}; evaluate before publishing (python -m training.evaluate)")
     api = api or HfApi(token=token)

@@ -30,9 +30,9 @@ from sklearn.model_selection import GroupShuffleSplit
 from cxr_demo import paths
 from cxr_demo.boxes import MAX_BOXES, BoxRule
 from cxr_demo.cam import compute_heatmap, resize_heatmap, resolve_module
-from cxr_demo.card import WEIGHTS_FILE, ExplainDefaults, read_card, write_card
+from cxr_demo.card import ExplainDefaults, read_card, write_card
 from cxr_demo.inference import normalise_batch
-from cxr_demo.models import load_weights
+from cxr_demo.zoo import load_checkpoint
 from training.data import add_data_root_argument, cached_pixels, nih_box_pairs, nih_boxes, nih_records
 from training.evaluate import evaluate_checkpoint
 from training.metrics import mask_iou, per_finding, score_rule, summarise
@@ -82,7 +82,7 @@ def run_study(folder: Path, data_root: Path | None = None, perturbation_pairs: i
     """Run the study for one checkpoint folder; returns the JSON-able result."""
     data_root = Path(data_root) if data_root is not None else paths.data_root()
     card = read_card(folder)
-    model = load_weights(card, folder / WEIGHTS_FILE)
+    model = load_checkpoint(folder)
     records = [r for r in nih_records(data_root / "nih14", card.label_names) if r.split == "test"]
     pixels = cached_pixels(records, card.input_size, card.crop)
     pairs = nih_box_pairs(records, nih_boxes(data_root / "nih14"), card.label_names)

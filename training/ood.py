@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from cxr_demo import paths
-from cxr_demo.card import WEIGHTS_FILE, OODInfo, read_card, write_card
+from cxr_demo.card import OODInfo, read_card, write_card
 from cxr_demo.images import resize_gray
 from cxr_demo.inference import feature_array
-from cxr_demo.models import load_weights, sha256_file
+from cxr_demo.models import sha256_file
 from cxr_demo.ood import OOD_FILE, OODDetector
+from cxr_demo.zoo import load_checkpoint
 from training.data import Record, add_data_root_argument, cached_pixels, nih_records, patient_split
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def fit_and_measure(folder: Path, data_root: Path | None = None, percentile: flo
     card = read_card(folder)
     if card.task != "nih14":
         raise ValueError("only NIH models are handled so far")
-    model = load_weights(card, folder / WEIGHTS_FILE)
+    model = load_checkpoint(folder)
     recs = nih_records(data_root / "nih14", card.label_names)
     split = card.training.get("val_fraction", val_fraction)
     train, val = patient_split([r for r in recs if r.split == "train_val"], split, card.training.get("seed", seed))

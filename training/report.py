@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_demo.card import EVAL_FILE, ModelCard, checkpoint_folders, read_card
+from cxr_demo.card import EVAL_FILE, ModelCard, checkpoint_folders, read_card, zoo_order
 from cxr_demo.paths import DEFAULT_CHECKPOINTS
 from cxr_demo.paths import PROJECT_ROOT as ROOT
 
@@ -69,20 +69,31 @@ def _init(card: ModelCard) -> str:
 def zoo_table(checkpoints: Path = DEFAULT_CHECKPOINTS, prefix: str = "") -> str:
     """A markdown table with one row per checkpoint, every number read from its eval.json."""
     lines = [
-        "| model | task | architecture | init | train images | macro AUROC (95% CI) | test images | mean box IoU (boxes) | eval |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | task | architecture | init | train images | val macro AUROC | test macro AUROC (95% CI) | "
+        "test images | mean box IoU (boxes) | eval |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for folder, card, ev in _checkpoints(checkpoints):
+    entries = _checkpoints(checkpoints)
+    default = zoo_order([c for _, c, _ in entries])[:1]
+    for folder, card, ev in entries:
         n_train = card.training.get("n_train", "?")
+        val = card.training.get("val_macro_auroc")
+        val = f"{val:.3f}" if isinstance(val, int | float) else "—"
+        name = f"**{card.name}** (app default)" if [card.name] == default else card.name
         if ev is None:
-            lines.append(f"| {card.name} | {card.task} | `{card.architecture}` | {_init(card)} | {n_train} | not evaluated | | | |")
+            lines.append(f"| {name} | {card.task} | `{card.architecture}` | {_init(card)} | {n_train} | {val} | "
+                         "not evaluated | | | |")
             continue
         loc = (ev.get("localisation") or {}).get("overall")
         iou = f"{loc['mean_iou']:.3f} ({loc['n_boxes']})" if loc else "—"
         lines.append(
-            f"| {card.name} | {card.task} | `{card.architecture}` {card.input_size}px | {_init(card)} | {n_train} | "
-            f"{_auc(ev)} | {ev['n_images']} | {iou} | [eval.json]({prefix}checkpoints/{folder.name}/{EVAL_FILE}) |"
+            f"| {name} | {card.task} | `{card.architecture}` {card.input_size}px | {_init(card)} | {n_train} | {val} | "
+            f"{_auc(ev)}{'' if ev.get('bootstrap', {}).get('unit') == 'patient' else ' †'} | {ev['n_images']} | {iou} | [eval.json]({prefix}checkpoints/{folder.name}/{EVAL_FILE}) |"
         )
+    lines += ["", "The app's default (bold) is the NIH model with the best validation macro AUROC; test numbers play no "
+              "part in that choice. 95% intervals resample patients (596 patients behind the 796 NIH test images)"
+              + (", except those marked †, evaluated earlier with images resampled (narrower than they should be)."
+                 if any("†" in line for line in lines) else ".")]
     return "\n".join(lines)
 
 
@@ -211,14 +222,13 @@ def compute_tsne(folder: Path, out_dir: Path = TSNE_DIR, data_root: Path | None 
     import matplotlib.pyplot as plt
     from sklearn.manifold import TSNE
 
-    from cxr_demo.card import WEIGHTS_FILE
     from cxr_demo.inference import feature_array
-    from cxr_demo.models import load_weights
+    from cxr_demo.zoo import load_checkpoint
     from training.data import cached_pixels
     from training.tasks import load_task
 
     card = read_card(folder)
-    model = load_weights(card, Path(folder) / WEIGHTS_FILE)
+    model = load_checkpoint(folder)
     records = load_task(card.task, data_root).test
     pixels = cached_pixels(records, card.input_size, card.crop)
     f = feature_array(model, pixels, card.mean, card.std)

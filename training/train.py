@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from cxr_demo import INTENDED_USE
@@ -48,7 +49,7 @@ from training.losses import (
     multilabel_loss,
     sample_weights,
 )
-from training.metrics import macro_auroc, tune_thresholds
+from training.metrics import macro_auroc, macro_auroc_with_finding, tune_card_thresholds
 from training.models import create_training_model, model_args_for
 from training.pretrained import IMAGENET_PACKAGES, load_imagenet_into
 from training.tasks import LUNG_CROP, TASKS, load_task
@@ -84,6 +85,14 @@ def augment(x: torch.Tensor, gen: torch.Generator, max_rot_deg: float = 7.0, sca
     bright = (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * jitter
     mean = x.mean(dim=(2, 3), keepdim=True)
     return ((x - mean) * contrast + mean + bright).clamp(0, 1)
+
+
+def stem_bn(model: torch.nn.Module) -> torch.nn.Module:
+    """The BatchNorm right after the stem convolution (timm EfficientNet / MobileNet: ``bn1``)."""
+    bn = getattr(model, "bn1", None)
+    if not isinstance(bn, torch.nn.BatchNorm2d):
+        raise SystemExit("--freeze-stem-bn needs a model whose stem BatchNorm is `bn1` (EfficientNet, MobileNet)")
+    return bn
 
 
 def _distributed() -> tuple[int, int]:
@@ -146,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weighted-sampling", action="store_true", help="sample images to balance findings")
     p.add_argument("--freeze-epochs", type=int, default=0, help="train only the head for the first N epochs")
     p.add_argument("--hflip", action="store_true", help="also flip horizontally (off: anatomy is not symmetric)")
+    p.add_argument("--noise", type=float, default=0.0, metavar="STEPS",
+                   help="add Gaussian noise of this standard deviation, in 8-bit steps, to each augmented image")
+    p.add_argument("--freeze-stem-bn", action="store_true",
+                   help="keep the stem BatchNorm's running statistics as initialised (ImageNet): a one-channel stem "
+                        "summed from RGB filters has near-empty channels that re-estimated statistics amplify ~300x")
+    p.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help="validate and export an exponential moving average of the weights (e.g. 0.998)")
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--patience", type=int, default=5, help="epochs without validation improvement")
     p.add_argument("--seed", type=int, default=0)
@@ -221,7 +237,8 @@ def main(argv: list[str] | None = None) -> Path:
     state_path = STATE_DIR / args.name / "train_state.pt"
     log_path = folder / "train_log.jsonl"
     best_auc, best_epoch, best_state = -1.0, -1, None
-    start_epoch, rows = 0, []
+    start_epoch, rows, steps_done = 0, [], 0
+    ema = ModelEmaV3(model, decay=args.ema, use_warmup=True) if args.ema else None
     if args.resume and state_path.exists():
         st = torch.load(state_path, map_location="cpu", weights_only=True)
         model.load_state_dict(st["model"])
@@ -230,7 +247,9 @@ def main(argv: list[str] | None = None) -> Path:
         gen.set_state(st["generator"])
         torch.set_rng_state(st["torch_rng"])
         best_auc, best_epoch, best_state = st["best_auc"], st["best_epoch"], st["best_state"]
-        start_epoch, rows = st["epoch"], st["rows"]
+        start_epoch, rows, steps_done = st["epoch"], st["rows"], st.get("steps_done", 0)
+        if ema is not None and st.get("ema") is not None:
+            ema.module.load_state_dict(st["ema"])
         log.info("resumed %s after epoch %d (best validation AUROC %.3f at %d)", args.name, start_epoch, best_auc, best_epoch)
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
@@ -243,6 +262,8 @@ def main(argv: list[str] | None = None) -> Path:
         for prm in model.parameters():
             prm.requires_grad_(not frozen or id(prm) in classifier)
         net.train()
+        if args.freeze_stem_bn:
+            stem_bn(model).eval()
         order = (torch.multinomial(weights, len(train), replacement=True, generator=gen) if weights is not None
                  else torch.randperm(len(train), generator=gen))
         losses = []
@@ -251,7 +272,10 @@ def main(argv: list[str] | None = None) -> Path:
         for i in tqdm(range(0, len(train), args.batch_size), desc=f"epoch {epoch + 1}/{args.epochs}",
                       disable=not show, leave=False):
             idx = order[i : i + args.batch_size].numpy()
-            x = normalise(augment(unit_batch(x_train[idx]), gen, hflip=args.hflip), mean, std)
+            x = augment(unit_batch(x_train[idx]), gen, hflip=args.hflip)
+            if args.noise:
+                x = x + torch.randn(x.shape, generator=gen) * (args.noise / 255.0)
+            x = normalise(x, mean, std)
             y = torch.from_numpy(y_train[idx])
             part = torch.tensor_split(torch.arange(len(idx)), world)[rank]  # this rank's share of the batch
             xb = x[part].to(device).contiguous(memory_format=torch.channels_last)
@@ -265,10 +289,14 @@ def main(argv: list[str] | None = None) -> Path:
             opt.zero_grad(set_to_none=True)
             (loss * world).backward()  # DDP averages gradients; each rank's loss is its share of the batch sum
             opt.step()
+            if ema is not None:
+                ema.update(model, step=steps_done)
+            steps_done += 1
             if args.scheduler == "cosine":
                 sched.step()
             losses.append(loss.item() * world)
-        p_val = predict_array(model, x_val, mean, std, task.task_kind, device=device)
+        evaluated = ema.module if ema is not None else model
+        p_val = predict_array(evaluated, x_val, mean, std, task.task_kind, device=device)
         auc = macro_auroc(y_val, p_val)  # unknown (NaN) labels are left out per finding
         if args.scheduler == "plateau":
             sched.step(auc if auc is not None else 0.0)
@@ -283,7 +311,7 @@ def main(argv: list[str] | None = None) -> Path:
         stop = False
         if auc is not None and auc > best_auc:
             best_auc, best_epoch = auc, epoch + 1
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()}
         elif epoch + 1 - best_epoch >= args.patience:
             log.info("early stop: no validation improvement for %d epochs", args.patience)
             stop = True
@@ -291,7 +319,8 @@ def main(argv: list[str] | None = None) -> Path:
             state_path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                         "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "best_auc": best_auc, "best_epoch": best_epoch,
-                        "best_state": best_state, "epoch": epoch + 1, "rows": rows}, state_path)
+                        "best_state": best_state, "epoch": epoch + 1, "rows": rows, "steps_done": steps_done,
+                        "ema": ema.module.state_dict() if ema is not None else None}, state_path)
         if stop or (args.stop_after and epoch + 1 - start_epoch >= args.stop_after):
             break
     if world > 1:
@@ -312,11 +341,9 @@ def main(argv: list[str] | None = None) -> Path:
     if args.fp16:
         model.load_state_dict({k: v.float() for k, v in state.items()})
     p_val = predict_array(model, x_val, mean, std, task.task_kind)
-    known = ~np.isnan(y_val)
-    per_label = [tune_thresholds(y_val[known[:, j], j], p_val[known[:, j], j]) if known[:, j].any()
-                 else {"f1": 0.5, "youden": 0.5, "screening": 0.5} for j in range(len(task.label_names))]
-    thresholds = {op: {name: per_label[j][op] for j, name in enumerate(task.label_names)} for op in ("f1", "youden", "screening")}
+    thresholds = tune_card_thresholds(y_val, p_val, task.label_names)
     n_val_pos = {name: int(np.nansum(y_val[:, j])) for j, name in enumerate(task.label_names)}
+    val_findings_only = macro_auroc_with_finding(y_val, p_val) if task.task_kind == "multilabel" else None
 
     arch_short = args.arch.replace("tf_", "")
     small_data = len(train) < 20000
@@ -365,7 +392,10 @@ def main(argv: list[str] | None = None) -> Path:
             "schedule": "1 epoch linear warmup + cosine" if args.scheduler == "cosine" else "ReduceLROnPlateau(val AUROC, x0.3, patience 1)",
             "weighted_sampling": args.weighted_sampling, "freeze_epochs": args.freeze_epochs,
             "augmentation": "rotation 7 deg, scale 10%, translate 6%, brightness/contrast 10%, "
-                            + ("horizontal flips" if args.hflip else "no flips"),
+                            + ("horizontal flips" if args.hflip else "no flips")
+                            + (f", Gaussian noise sd {args.noise:g}/255" if args.noise else ""),
+            "freeze_stem_bn": args.freeze_stem_bn, "ema_decay": args.ema,
+            "val_macro_auroc_findings_only": val_findings_only,
             "seed": args.seed, "dtype": "float16" if args.fp16 else "float32",
             "wall_seconds": round(time.time() - started), "device": str(device.type), "processes": world,
         },

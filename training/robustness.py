@@ -1,0 +1,87 @@
+"""How much a checkpoint's probabilities move under noise smaller than one 8-bit step.
+
+    python -m training.robustness checkpoints/nih14-efficientnet-lite0
+
+Uses the model's own validation images (the patient split it was trained with; no test image): each
+image as the model sees it (8-bit) and again with uniform noise of +-0.5 of an 8-bit step added before
+normalisation, the size of the rounding the app once skipped. Prints and returns the mean and maximum
+absolute change of any probability, and the share of operating-point flags that change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cxr_demo.card import ModelCard, read_card
+from cxr_demo.inference import logits_to_probabilities, normalise, predict_array, unit_batch
+from cxr_demo.zoo import load_checkpoint
+from training.data import Record, add_data_root_argument, cached_pixels, patient_split
+from training.tasks import load_task
+
+log = logging.getLogger(__name__)
+
+
+def half_step_noise_change(model: torch.nn.Module, card: ModelCard, pixels: np.ndarray, seed: int = 0,
+                           batch_size: int = 64) -> dict:
+    """Probability change under uniform noise of +-0.5/255 on (N, S, S) uint8 images as the model sees them."""
+    clean = predict_array(model, pixels, card.mean, card.std, card.task_kind, batch_size=batch_size)
+    gen = torch.Generator().manual_seed(seed)
+    noisy = []
+    with torch.inference_mode():
+        for i in range(0, len(pixels), batch_size):
+            x = unit_batch(pixels[i : i + batch_size])
+            x = x + (torch.rand(x.shape, generator=gen) - 0.5) / 255.0
+            noisy.append(logits_to_probabilities(model(normalise(x, card.mean, card.std)).float(), card.task_kind).numpy())
+    delta = np.abs(np.concatenate(noisy) - clean)
+    out = {"n_images": int(len(pixels)), "mean_abs_change": float(delta.mean()), "max_abs_change": float(delta.max()),
+           "p99_abs_change": float(np.percentile(delta, 99))}
+    if card.task_kind == "multilabel" and "f1" in card.thresholds:
+        thr = np.array([card.threshold("f1", n) for n in card.label_names])
+        out["f1_flags_changed"] = float(((clean >= thr) != (np.concatenate(noisy) >= thr)).mean())
+    return out
+
+
+def validation_records(card: ModelCard, data_root: Path | None = None) -> list[Record]:
+    """The model's own validation images: its patient split of ``train_val``, re-made from the card.
+
+    Raises:
+        ValueError: the split does not come out at the size the card records (e.g. a ``--max-images`` run).
+    """
+    task = load_task(card.task, data_root)
+    _, val = patient_split(task.train_val, card.training.get("val_fraction", 0.15), card.training.get("seed", 0))
+    if "n_val" in card.training and len(val) != card.training["n_val"]:
+        raise ValueError(f"{card.name}: could not re-make its validation split ({len(val)} images, card says "
+                         f"{card.training['n_val']})")
+    return val
+
+
+def measure(folder: Path, data_root: Path | None = None) -> dict:
+    card = read_card(folder)
+    model = load_checkpoint(folder)
+    result = {"model": card.name, "weights_sha256": card.sha256,
+              **half_step_noise_change(model, card, cached_pixels(validation_records(card, data_root), card.input_size,
+                                                                card.crop)),
+              "command": f"python -m training.robustness {folder}"}
+    return result
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folders", type=Path, nargs="+")
+    add_data_root_argument(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    results = [measure(folder, args.data_root) for folder in args.folders]
+    for r in results:
+        print(json.dumps(r))
+    return results
+
+
+if __name__ == "__main__":
+    main()
