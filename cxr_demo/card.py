@@ -19,6 +19,11 @@ from cxr_demo import INTENDED_USE
 CARD_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 EVAL_FILE = "eval.json"
+# Keys of config.json that are timm's (so timm can load a checkpoint from the Hub), not the card's.
+TIMM_KEYS = ("num_classes", "num_features", "pretrained_cfg")
+# Architectures of this project that timm does not know: their config.json carries no timm fields.
+ENSEMBLE_ARCHITECTURE = "cxr_ensemble"
+NON_TIMM_ARCHITECTURES = ("cxr_small_cnn", ENSEMBLE_ARCHITECTURE)
 
 OPERATING_POINTS: tuple[str, ...] = ("f1", "youden", "screening")
 OPERATING_POINT_HELP: dict[str, str] = {
@@ -198,8 +203,29 @@ def checkpoint_folders(root: Path) -> list[Path]:
     return sorted(p.parent for p in Path(root).glob(f"*/{CARD_FILE}"))
 
 
+def timm_fields(card: ModelCard, num_features: int | None = None) -> dict[str, Any]:
+    """The keys timm reads from a Hub ``config.json`` (``timm.create_model("hf-hub:<repo>")``): architecture
+    and ``model_args`` are the card's own; this adds ``num_classes``, ``num_features`` and ``pretrained_cfg``
+    (one-channel input size, mean, std, label names). Empty for architectures timm does not know."""
+    if card.architecture in NON_TIMM_ARCHITECTURES:
+        return {}
+    n = card.num_classes
+    pretrained_cfg = {"input_size": [1, card.input_size, card.input_size], "interpolation": "bilinear",
+                      "crop_pct": 1.0, "crop_mode": "center", "mean": [card.mean], "std": [card.std],
+                      "num_classes": n, "label_names": list(card.label_names), "license": card.license}
+    return {"num_classes": n, **({"num_features": num_features} if num_features else {}), "pretrained_cfg": pretrained_cfg}
+
+
+def _check_timm_fields(card: ModelCard, found: dict[str, Any], path: Path) -> None:
+    expected = timm_fields(card, found.get("num_features"))
+    if found and found != expected:
+        wrong = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
+        raise CardError(f"{path}: the timm fields {wrong} disagree with the card (labels, input size, mean or std "
+                        "changed by hand?); rewrite the card with cxr_demo.card.write_card")
+
+
 def read_card(folder: Path) -> ModelCard:
-    """Parse ``folder/config.json`` into a :class:`ModelCard`.
+    """Parse ``folder/config.json`` into a :class:`ModelCard` (and check the timm fields beside it).
 
     Raises:
         CardError: the file is missing, is not JSON, or does not describe a usable model.
@@ -214,14 +240,26 @@ def read_card(folder: Path) -> ModelCard:
             f"{path} is not valid JSON ({e}); restore it from version control, or retrain the model with "
             "python -m training.train, which writes the card"
         ) from e
+    if not isinstance(raw, dict):
+        raise CardError(f"{path} is not a model card (a JSON object is expected)")
+    found = {k: raw.pop(k) for k in TIMM_KEYS if k in raw}
     try:
-        return ModelCard.model_validate(raw)
+        card = ModelCard.model_validate(raw)
     except ValidationError as e:
         raise CardError(f"{path} is not a valid model card; fix these fields:\n{e}") from e
+    _check_timm_fields(card, found, path)
+    return card
 
 
-def write_card(card: ModelCard, folder: Path) -> Path:
-    """Write ``card`` as ``folder/config.json`` (stable key order, trailing newline)."""
+def write_card(card: ModelCard, folder: Path, num_features: int | None = None) -> Path:
+    """Write ``card`` as ``folder/config.json`` with the fields timm reads beside it (stable key order,
+    trailing newline). ``num_features`` (the pooled feature width) is kept from the file when not given."""
     path = Path(folder) / CARD_FILE
-    path.write_text(json.dumps(card.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
+    if num_features is None and path.is_file():
+        try:
+            num_features = json.loads(path.read_text(encoding="utf-8")).get("num_features")
+        except (json.JSONDecodeError, AttributeError):
+            num_features = None
+    data = {**card.model_dump(mode="json"), **timm_fields(card, num_features)}
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return path

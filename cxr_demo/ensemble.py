@@ -15,7 +15,9 @@ import json
 
 import torch
 
-ENSEMBLE_ARCHITECTURE = "cxr_ensemble"
+from cxr_demo.card import ENSEMBLE_ARCHITECTURE
+
+__all__ = ["ENSEMBLE_ARCHITECTURE", "ProbabilityEnsemble", "members_digest"]
 _EPS = 1e-6
 
 

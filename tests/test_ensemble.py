@@ -33,7 +33,7 @@ def trained(tmp_path_factory):
     out = root / "ck"
     train_main(["--name", "a", "--out", str(out), "--seed", "0", *TINY])
     train_main(["--name", "b", "--out", str(out), "--seed", "0", "--freeze-stem-bn", "--noise", "1", "--ema", "0.9",
-                "--drop-rate", "0.5", "--lr", "3e-3", *TINY])
+                "--drop-rate", "0.5", "--lr", "3e-3", "--select-on", "findings", *TINY])
     yield out, data
     mp.undo()
 
@@ -44,6 +44,10 @@ def test_recipe_flags_are_recorded_and_the_stem_statistics_stay_frozen(trained):
     assert card.training["freeze_stem_bn"] and card.training["ema_decay"] == 0.9
     assert "noise sd 1/255" in card.training["augmentation"]
     assert card.training["val_macro_auroc_findings_only"] is not None
+    assert card.training["epoch_chosen_on"] == "validation films with a finding"
+    log = [json.loads(line) for line in (out / "b" / "train_log.jsonl").read_text().splitlines()]
+    best = max(log, key=lambda r: r["val_macro_auroc_findings_only"])
+    assert card.training["best_epoch"] == best["epoch"]
     from training.models import create_training_model
 
     fresh = create_training_model("test_efficientnet", 14, 0.0, 64)

@@ -145,3 +145,45 @@ def test_hub_env_selects_the_hub(tmp_path, monkeypatch):
     monkeypatch.setenv("CXR_DEMO_CHECKPOINTS", str(tmp_path))
     monkeypatch.delenv("CXR_DEMO_HUB_REPO")
     assert source_from_env() == ZooSource(tmp_path, None, "v1")
+
+
+def test_card_is_a_config_timm_loads_from_an_offline_hub_cache(tmp_path):
+    """A checkpoint folder pushed as its own repo loads with timm.create_model("hf-hub:...") and gives the
+    app's probabilities."""
+    import huggingface_hub.constants as hf_constants
+    import timm
+
+    from cxr_demo.card import write_card
+    from cxr_demo.images import read_xray
+    from cxr_demo.inference import preprocess
+    from cxr_demo.service import DemoService
+    from tests.helpers import synthetic_xray
+
+    folder = make_checkpoint(tmp_path / "publish", name="tiny")
+    model = load_weights(read_card(folder), folder / "model.safetensors")
+    write_card(read_card(folder), folder, num_features=model.num_features)
+    raw = json.loads((folder / "config.json").read_text())
+    assert raw["num_classes"] == 14 and raw["pretrained_cfg"]["input_size"] == [1, 64, 64]
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    _populate_hub_cache(Path(hf_constants.HF_HUB_CACHE), "org/tiny", commit, folder)
+    hub_model = timm.create_model("hf-hub:org/tiny", pretrained=True).eval()
+    assert hub_model.pretrained_cfg["label_names"] == read_card(folder).label_names
+
+    from PIL import Image
+
+    path = tmp_path / "x.png"
+    Image.fromarray((synthetic_xray(80) * 255).astype("uint8")).save(path)
+    xray = read_xray(path)
+    with torch.inference_mode():
+        timm_probs = torch.sigmoid(hub_model(preprocess(xray.pixels, read_card(folder))))[0].numpy()
+    app = DemoService(Zoo(ZooSource(folder.parent))).predict(xray, "tiny").document["findings"]
+    assert [r["probability"] for r in app] == pytest.approx(timm_probs.tolist(), abs=1e-6)
+
+
+def test_timm_fields_that_disagree_with_the_card_are_refused(tmp_path):
+    folder = make_checkpoint(tmp_path)
+    raw = json.loads((folder / "config.json").read_text())
+    raw["pretrained_cfg"]["mean"] = [0.1]
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CardError, match="pretrained_cfg"):
+        read_card(folder)

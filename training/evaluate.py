@@ -161,7 +161,7 @@ def evaluate_checkpoint(folder: Path, data_root: Path | None = None, n_boot: int
     head, sep, _ = card.summary.rpartition(" | val macro AUROC")
     base = head if sep else card.summary.split(" | test macro AUROC")[0]
     card.summary = f"{base} | test macro AUROC {macro:.3f} (n={len(Y)})"
-    write_card(card, folder)
+    write_card(card, folder, num_features=getattr(model, "num_features", None))
     log.info("%s: macro AUROC %.3f %s%s", card.name, macro, macro_ci,
              f", mean box IoU {boxes['overall']['mean_iou']:.3f} over {boxes['overall']['n_boxes']} boxes" if boxes else "")
     return result

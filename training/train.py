@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze-stem-bn", action="store_true",
                    help="keep the stem BatchNorm's running statistics as initialised (ImageNet): a one-channel stem "
                         "summed from RGB filters has near-empty channels that re-estimated statistics amplify ~300x")
+    p.add_argument("--select-on", choices=["all", "findings"], default="all",
+                   help="validation films for early stopping and the best epoch: all, or only those with a finding "
+                        "(NIH validation holds ~40%% normal films, the test images almost none)")
     p.add_argument("--ema", type=float, default=None, metavar="DECAY",
                    help="validate and export an exponential moving average of the weights (e.g. 0.998)")
     p.add_argument("--val-fraction", type=float, default=0.15)
@@ -297,10 +300,13 @@ def main(argv: list[str] | None = None) -> Path:
             losses.append(loss.item() * world)
         evaluated = ema.module if ema is not None else model
         p_val = predict_array(evaluated, x_val, mean, std, task.task_kind, device=device)
-        auc = macro_auroc(y_val, p_val)  # unknown (NaN) labels are left out per finding
+        auc_all = macro_auroc(y_val, p_val)  # unknown (NaN) labels are left out per finding
+        auc_findings = macro_auroc_with_finding(y_val, p_val) if task.task_kind == "multilabel" else None
+        auc = auc_findings if args.select_on == "findings" else auc_all
         if args.scheduler == "plateau":
             sched.step(auc if auc is not None else 0.0)
-        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_macro_auroc": auc,
+        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_macro_auroc": auc_all,
+               "val_macro_auroc_findings_only": auc_findings,
                "lr": opt.param_groups[0]["lr"], "frozen_backbone": frozen, "seconds": round(time.time() - t0, 1),
                "images_per_s": round(len(train) / (time.time() - t0), 1)}
         rows.append(row)
@@ -344,6 +350,7 @@ def main(argv: list[str] | None = None) -> Path:
     thresholds = tune_card_thresholds(y_val, p_val, task.label_names)
     n_val_pos = {name: int(np.nansum(y_val[:, j])) for j, name in enumerate(task.label_names)}
     val_findings_only = macro_auroc_with_finding(y_val, p_val) if task.task_kind == "multilabel" else None
+    val_all = macro_auroc(y_val, p_val)  # of the weights as shipped, whichever validation view chose the epoch
 
     arch_short = args.arch.replace("tf_", "")
     small_data = len(train) < 20000
@@ -353,7 +360,7 @@ def main(argv: list[str] | None = None) -> Path:
         changelog=[f"1.0.0: first training run ({args.epochs} epochs max, best epoch {best_epoch})"],
         description=f"{args.arch} trained for {args.task} at {args.input_size} px, one input channel"
                     f"{', lung-region crop' if crop else ''}.",
-        summary=f"{arch_short} | init: {args.init} | {args.task}: {len(train)} train images | val macro AUROC {best_auc:.3f}",
+        summary=f"{arch_short} | init: {args.init} | {args.task}: {len(train)} train images | val macro AUROC {val_all:.3f}",
         task=args.task,
         task_kind=task.task_kind,
         architecture=args.arch,
@@ -386,7 +393,8 @@ def main(argv: list[str] | None = None) -> Path:
             "command": ("torchrun --nproc_per_node %d -m training.train " % world if world > 1 else "python -m training.train ")
                        + " ".join(argv if argv is not None else sys.argv[1:]),
             "n_train": len(train), "n_val": len(val), "val_fraction": args.val_fraction, "val_patients": len({r.patient for r in val}),
-            "val_positives": n_val_pos, "best_epoch": best_epoch, "val_macro_auroc": best_auc,
+            "val_positives": n_val_pos, "best_epoch": best_epoch, "val_macro_auroc": val_all,
+            "epoch_chosen_on": "validation films with a finding" if args.select_on == "findings" else "all validation films",
             "epochs_run": epoch + 1, "loss": loss_kind, "optimizer": opt_cls.__name__, "lr": args.lr,
             "weight_decay": args.weight_decay, "drop_rate": args.drop_rate, "batch_size": args.batch_size,
             "schedule": "1 epoch linear warmup + cosine" if args.scheduler == "cosine" else "ReduceLROnPlateau(val AUROC, x0.3, patience 1)",
@@ -402,8 +410,8 @@ def main(argv: list[str] | None = None) -> Path:
         license=task.license,
         sha256=sha256_file(weights_path),
     )
-    write_card(card, folder)
-    log.info("wrote %s (val macro AUROC %.3f at epoch %d)", folder, best_auc, best_epoch)
+    write_card(card, folder, num_features=getattr(model, "num_features", None))
+    log.info("wrote %s (val macro AUROC %.3f at epoch %d)", folder, val_all, best_epoch)
     if world > 1:
         dist.destroy_process_group()
     if args.eval and task.test:
