@@ -113,3 +113,19 @@ def test_readme_client_example_runs(live_app, capsys, monkeypatch):
     exec(compile(block, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "Atelectasis" in out and "IoU" in out
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=[f.name for f in FOLDERS])
+def test_model_card_readme_states_the_evaluation(folder):
+    """The Hub model card's model-index carries eval.json's numbers (report --check keeps the text current)."""
+    from huggingface_hub import ModelCard
+
+    hub_card = ModelCard.load(folder / "README.md")
+    ev = json.loads((folder / "eval.json").read_text())
+    results = {r.metric_name: r.metric_value for r in hub_card.data.eval_results}
+    assert results["macro AUROC"] == round(ev["macro_auroc"], 4)
+    for label, v in ev["per_label"].items():
+        if v["auroc"] is not None:
+            assert results[f"AUROC {label}"] == round(v["auroc"], 4)
+    assert hub_card.data.pipeline_tag == "image-classification" and "research-only" in hub_card.data.tags
+    assert read_card(folder).sha256 in hub_card.text

@@ -17,11 +17,12 @@ from huggingface_hub import HfApi
 from cxr_demo.card import CARD_FILE, EVAL_FILE, WEIGHTS_FILE, read_card
 from cxr_demo.ensemble import ENSEMBLE_ARCHITECTURE, members_digest
 from cxr_demo.models import WeightsError, sha256_file
+from training.model_card import MODEL_CARD_FILE
 
 log = logging.getLogger(__name__)
 
 PUBLISHED_FILES = [CARD_FILE, WEIGHTS_FILE, EVAL_FILE, "roc.png", "train_log.jsonl", "ood.safetensors",
-                   "test_predictions.npz"]
+                   "test_predictions.npz", MODEL_CARD_FILE]
 
 
 def push_to_hub(folder: Path, repo_id: str, revision: str | None = None, token: str | None = None,

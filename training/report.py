@@ -22,6 +22,7 @@ import numpy as np
 from cxr_demo.card import EVAL_FILE, ModelCard, checkpoint_folders, read_card, zoo_order
 from cxr_demo.paths import DEFAULT_CHECKPOINTS
 from cxr_demo.paths import PROJECT_ROOT as ROOT
+from training.model_card import MODEL_CARD_FILE, model_card
 
 log = logging.getLogger(__name__)
 
@@ -317,9 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     text = path.read_text()
     new = render(text, zoo_table())
     doc = model_zoo_doc()
+    cards = {folder / MODEL_CARD_FILE: model_card(folder) for folder, _, _ in _checkpoints(DEFAULT_CHECKPOINTS)}
     if args.check:
-        stale = [str(p.relative_to(ROOT)) for p, old, fresh in ((path, text, new), (ZOO_DOC, ZOO_DOC.read_text() if ZOO_DOC.is_file() else "", doc))
-                 if old != fresh]
+        pages = [(path, text, new), (ZOO_DOC, ZOO_DOC.read_text() if ZOO_DOC.is_file() else "", doc),
+                 *[(p, p.read_text() if p.is_file() else "", fresh) for p, fresh in cards.items()]]
+        stale = [str(p.relative_to(ROOT)) for p, old, fresh in pages if old != fresh]
         for card in (c for _, c, _ in _checkpoints(DEFAULT_CHECKPOINTS)):
             meta_path = TSNE_DIR / f"tsne-{card.name}.json"
             if meta_path.is_file() and json.loads(meta_path.read_text())["weights_sha256"] != card.sha256:
@@ -329,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     path.write_text(new)
+    for p, fresh in cards.items():
+        p.write_text(fresh)
     ZOO_DOC.parent.mkdir(parents=True, exist_ok=True)
     ZOO_DOC.write_text(doc)
     return 0
