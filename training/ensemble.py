@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> Path:
     if args.candidates:
         names, selection = greedy_selection(y, probs)
         log.info("chosen on validation: %s", names)
+    if len(names) < 2:
+        raise SystemExit(f"no ensemble: on validation nothing beats {names[0]} alone")
     command = "python -m training.ensemble " + " ".join(argv if argv is not None else sys.argv[1:])
     card = build_card(args.name, [args.checkpoints / n for n in names], y, probs, command, selection)
     folder = args.checkpoints / args.name

@@ -351,6 +351,7 @@ def main(argv: list[str] | None = None) -> Path:
     n_val_pos = {name: int(np.nansum(y_val[:, j])) for j, name in enumerate(task.label_names)}
     val_findings_only = macro_auroc_with_finding(y_val, p_val) if task.task_kind == "multilabel" else None
     val_all = macro_auroc(y_val, p_val)  # of the weights as shipped, whichever validation view chose the epoch
+    val_all = val_all if val_all is not None else best_auc  # no finding with both classes in validation
 
     arch_short = args.arch.replace("tf_", "")
     small_data = len(train) < 20000
