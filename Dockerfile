@@ -12,6 +12,7 @@ RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu 
 COPY --chown=user app.py ./
 COPY --chown=user cxr_demo ./cxr_demo
 COPY --chown=user checkpoints ./checkpoints
+COPY --chown=user examples ./examples
 
 USER user
 ENV GRADIO_SERVER_NAME=0.0.0.0 \

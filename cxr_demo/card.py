@@ -77,7 +77,8 @@ class OODInfo(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    file: str
+    file: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_-]*\.safetensors$",
+                      description="a file name beside the card, never a path")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     threshold: float
     source_file: str = Field(description="measurement the threshold's rates come from, relative to the project root")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from cxr_demo.images import IMAGE_SUFFIXES
 from cxr_demo.labels import NIH_BOX_LABEL_ALIASES
-from cxr_demo.paths import data_root
+from cxr_demo.paths import PROJECT_ROOT, data_root
 
 if TYPE_CHECKING:  # the alias only; importing cxr_demo.boxes would pull in scipy
     from cxr_demo.boxes import Box
@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 
 NIH_BOX_FILE = "BBox_List_2017.csv"
 NIH_BOX_FRAME = 1024.0  # the official boxes are in the 1024 x 1024 frame of the released PNGs
-N_BOXED_EXAMPLES, N_UNBOXED_EXAMPLES = 4, 2
+# Example films shipped with the app (python -m training.make_examples): NIH test images, their official
+# boxes (same format, 1024 frame) and labels, so the Space and the Docker image have examples and box IoU.
+EXAMPLES_DIR = PROJECT_ROOT / "examples"
 
 
 class BoxInputError(ValueError):
@@ -37,12 +39,16 @@ def nih_folder() -> Path:
 
 
 def bbox_csv_path() -> Path | None:
-    """``CXR_DEMO_BBOX_CSV`` or the shared data's ``nih14/BBox_List_2017.csv``, when present."""
+    """``CXR_DEMO_BBOX_CSV``, else the shared data's ``nih14/BBox_List_2017.csv``, else the shipped examples'
+    box list (the boxes of the example films only), whichever exists first."""
     env = os.environ.get("CXR_DEMO_BBOX_CSV")
-    path = Path(env) if env else nih_folder() / NIH_BOX_FILE
-    if path.is_dir():
-        path = path / NIH_BOX_FILE
-    return path if path.is_file() else None
+    candidates = [Path(env)] if env else [nih_folder() / NIH_BOX_FILE, EXAMPLES_DIR / NIH_BOX_FILE]
+    for path in candidates:
+        if path.is_dir():
+            path = path / NIH_BOX_FILE
+        if path.is_file():
+            return path
+    return None
 
 
 @lru_cache(maxsize=4)
@@ -85,23 +91,18 @@ def boxed_findings(file_name: str) -> list[str]:
 
 
 def default_examples(folder: str | Path | None = None) -> list[str]:
-    """Example images: ``CXR_DEMO_EXAMPLES`` (every image in it) or a few NIH official-test images of the
-    shared data, those with radiologist boxes first."""
-    folder = folder or os.environ.get("CXR_DEMO_EXAMPLES")
-    if folder:
-        folder = Path(folder)
-        return sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
-    images = nih_folder() / "images"
-    csv_path = bbox_csv_path()
-    test_list = nih_folder() / "test_list.txt"
-    if not images.is_dir() or csv_path is None:
+    """Example images: every image in ``folder``, ``CXR_DEMO_EXAMPLES`` or the shipped ``examples/``, in the
+    order of the folder's ``labels.csv`` when it has one, else those with radiologist boxes first."""
+    folder = Path(folder or os.environ.get("CXR_DEMO_EXAMPLES") or EXAMPLES_DIR)
+    if not folder.is_dir():
         return []
-    boxed = [images / n for n in sorted(read_box_list(csv_path)) if (images / n).is_file()]
-    test = set(test_list.read_text().split()) if test_list.is_file() else set()
-    boxed_names = {p.name for p in boxed}
-    unboxed = [images / n for n in sorted(test) if n not in boxed_names and (images / n).is_file()]
-    picks = boxed[:: max(1, len(boxed) // N_BOXED_EXAMPLES)][:N_BOXED_EXAMPLES] + unboxed[:N_UNBOXED_EXAMPLES]
-    return [str(p) for p in picks]
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    listed: list[str] = []
+    if (folder / "labels.csv").is_file():
+        with open(folder / "labels.csv", newline="") as f:
+            listed = [row.get("Image Index", "") for row in csv.DictReader(f)]
+    rank = {name: i for i, name in enumerate(listed)}
+    return [str(p) for p in sorted(images, key=lambda p: (rank.get(p.name, len(rank)), not boxed_findings(p.name)))]
 
 
 _NUM = r"\s*(-?\d+(?:\.\d+)?)\s*"

@@ -318,6 +318,5 @@ def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.
 
 
 def launch_kwargs() -> dict[str, Any]:
-    """Arguments for ``demo.launch``: upload limit and access to the example folder only."""
-    allowed = [str(Path(p).parent) for p in default_examples()]
-    return {"max_file_size": MAX_FILE_SIZE, "allowed_paths": sorted(set(allowed))}
+    """Arguments for ``demo.launch``: upload limit, and file access to the example films only (not their folder)."""
+    return {"max_file_size": MAX_FILE_SIZE, "allowed_paths": sorted(str(Path(p).resolve()) for p in default_examples())}

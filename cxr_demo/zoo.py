@@ -1,4 +1,10 @@
-"""The model zoo: cards discovered in a checkpoint folder (default) or a Hugging Face Hub repo.
+"""The model zoo: cards discovered in a checkpoint folder (default) or in Hugging Face Hub model repos.
+
+On the Hub each model is its own repo named like the model (``org/nih14-efficientnet-lite1``): a
+``config.json`` that is both timm's config and this project's card, ``model.safetensors``, ``eval.json``,
+plots and a generated ``README.md``. The zoo reads a list of such repos (``CXR_DEMO_HUB_MODELS``: a
+collection file or ``repo[@revision]`` items), resolves each repo's revision to one commit when it starts,
+and downloads every later file of that model at that commit, so one model never mixes two commits.
 
 A model name coming from the UI or the API only ever indexes the dict of discovered cards; it is
 never joined to a path.
@@ -6,8 +12,10 @@ never joined to a path.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -42,37 +50,88 @@ class UnknownModelError(KeyError):
         return str(self.args[0])
 
 
+HUB_MODELS_ENV = "CXR_DEMO_HUB_MODELS"
+# What the zoo reads of each repo when it starts; weights and the OOD file follow at the same commit when used.
+HUB_CARD_FILES = [CARD_FILE, EVAL_FILE, "roc.png", "README.md"]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+_REVISION = re.compile(r"^[\w.\-/]{1,200}$")
+
+
+@dataclass(frozen=True)
+class HubModel:
+    """One model repo on the Hub and the revision to read (a commit id is best; ``None`` means ``main``)."""
+
+    repo: str
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.repo, str) or not _REPO_ID.match(self.repo) or ".." in self.repo:
+            raise CardError(f"{self.repo!r} is not a Hub model id of the form org/name")
+        if self.revision is not None and (not isinstance(self.revision, str) or not _REVISION.match(self.revision)
+                                          or ".." in self.revision):
+            raise CardError(f"{self.revision!r} is not a revision (a branch, tag or commit id)")
+
+    @property
+    def name(self) -> str:
+        """The zoo name: the repo's name, which must equal the card's ``name``."""
+        return self.repo.split("/", 1)[1]
+
+    def spec(self) -> str:
+        return f"{self.repo}@{self.revision}" if self.revision else self.repo
+
+
+def read_hub_models(value: str) -> tuple[HubModel, ...]:
+    """Hub model repos from a collection file (JSON ``{"models": [{"repo": ..., "revision": ...}]}``, as
+    ``python -m training.hub push --collection`` writes it) or from ``repo[@revision]`` items separated by
+    commas or spaces.
+
+    Raises:
+        CardError: the file or an item cannot be read as Hub models.
+    """
+    value = value.strip()
+    path = Path(value)
+    if value.endswith(".json") or path.is_file():
+        try:
+            items = json.loads(path.read_text())["models"]
+            return tuple(HubModel(m["repo"], m.get("revision")) for m in items)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CardError(f"cannot read the Hub model list {path}: {e}") from e
+    models = []
+    for item in re.split(r"[,\s]+", value):
+        if item:
+            repo, _, revision = item.partition("@")
+            models.append(HubModel(repo, revision or None))
+    return tuple(models)
+
+
 @dataclass(frozen=True)
 class ZooSource:
-    """Where cards and weights come from."""
+    """Where cards and weights come from: a local folder of checkpoint folders, or Hub model repos."""
 
     local_dir: Path
-    hub_repo: str | None = None
-    hub_revision: str | None = None
+    hub_models: tuple[HubModel, ...] = ()
 
     def describe(self) -> str:
-        if self.hub_repo:
-            return f"Hugging Face Hub {self.hub_repo}@{self.hub_revision or 'main'}"
+        if self.hub_models:
+            return "Hugging Face Hub " + ", ".join(m.spec() for m in self.hub_models)
         return str(self.local_dir)
 
 
 def source_from_env() -> ZooSource:
-    """``CXR_DEMO_HUB_REPO`` (+ ``CXR_DEMO_HUB_REVISION``) selects the Hub; else ``CXR_DEMO_CHECKPOINTS``
-    or the project's ``checkpoints/``."""
+    """``CXR_DEMO_HUB_MODELS`` (a collection file or ``repo[@revision]`` items) selects the Hub; else
+    ``CXR_DEMO_CHECKPOINTS`` or the project's ``checkpoints/``."""
     local = Path(os.environ.get("CXR_DEMO_CHECKPOINTS", DEFAULT_CHECKPOINTS))
-    repo = os.environ.get("CXR_DEMO_HUB_REPO") or None
-    return ZooSource(local, repo, os.environ.get("CXR_DEMO_HUB_REVISION") or None)
+    hub = os.environ.get(HUB_MODELS_ENV, "").strip()
+    return ZooSource(local, read_hub_models(hub) if hub else ())
 
 
-def _hub_snapshot(repo: str, revision: str | None) -> Path:
-    """Download (or find in the cache) the cards and eval files of every model in a Hub repo."""
+def _hub_card_folder(model: HubModel) -> tuple[Path, str]:
+    """Download (or find in the cache) a model repo's card files; returns the snapshot folder and the commit
+    the revision resolved to (the snapshot folder's name)."""
     from huggingface_hub import snapshot_download
 
-    return Path(
-        snapshot_download(
-            repo_id=repo, revision=revision, allow_patterns=[f"*/{CARD_FILE}", f"*/{EVAL_FILE}", "*/roc.png"]
-        )
-    )
+    folder = Path(snapshot_download(repo_id=model.repo, revision=model.revision, allow_patterns=HUB_CARD_FILES))
+    return folder, folder.name
 
 
 class Zoo:
@@ -92,21 +151,21 @@ class Zoo:
         self.cards: dict[str, ModelCard] = {}
         self.folders: dict[str, Path] = {}
         self.problems: dict[str, str] = {}
-        root = _hub_snapshot(self.source.hub_repo, self.source.hub_revision) if self.source.hub_repo else self.source.local_dir
-        for folder in checkpoint_folders(root):
-            try:
-                card = read_card(folder)
-            except CardError as e:
-                log.error("skipping checkpoint %s: %s", folder.name, e)
-                self.problems[folder.name] = str(e)
-                continue
-            if card.name != folder.name:
-                msg = f"card name {card.name!r} differs from its folder {folder.name!r}"
-                log.error("skipping checkpoint %s: %s", folder.name, msg)
-                self.problems[folder.name] = msg
-                continue
-            self.cards[card.name] = card
-            self.folders[card.name] = folder
+        # zoo name -> (repo, commit) for models read from the Hub; every file of one model comes from its commit
+        self.hub_commits: dict[str, tuple[str, str]] = {}
+        if self.source.hub_models:
+            for hub_model in self.source.hub_models:
+                try:
+                    folder, commit = _hub_card_folder(hub_model)
+                except Exception as e:  # noqa: BLE001 - network, missing repo or revision: skip the model, say why
+                    log.error("skipping Hub model %s: %s", hub_model.spec(), e)
+                    self.problems[hub_model.name] = f"{hub_model.spec()}: {type(e).__name__}: {e}"
+                    continue
+                if self._add(folder, hub_model.name):
+                    self.hub_commits[hub_model.name] = (hub_model.repo, commit)
+        else:
+            for folder in checkpoint_folders(self.source.local_dir):
+                self._add(folder, folder.name)
         for name in [n for n, c in self.cards.items() if c.architecture == ENSEMBLE_ARCHITECTURE]:
             try:
                 self._check_ensemble(self.cards[name])
@@ -115,6 +174,37 @@ class Zoo:
                 self.problems[name] = str(e)
                 del self.cards[name], self.folders[name]
         log.info("zoo: %d models from %s", len(self.cards), self.source.describe())
+
+    def _add(self, folder: Path, name: str) -> bool:
+        """Read the card in ``folder``, which must be called ``name``; keep it or record why not."""
+        try:
+            card = read_card(folder)
+        except CardError as e:
+            log.error("skipping checkpoint %s: %s", name, e)
+            self.problems[name] = str(e)
+            return False
+        if card.name != name:
+            msg = f"card name {card.name!r} differs from its folder or repo name {name!r}"
+            log.error("skipping checkpoint %s: %s", name, msg)
+            self.problems[name] = msg
+            return False
+        if card.name in self.cards:
+            msg = f"two checkpoints are called {card.name!r}"
+            log.error("skipping checkpoint %s: %s", name, msg)
+            self.problems[name] = msg
+            return False
+        self.cards[card.name] = card
+        self.folders[card.name] = folder
+        return True
+
+    def _file(self, name: str, file_name: str) -> Path:
+        """A file of a model's checkpoint: from its folder, or from its Hub repo at the commit resolved at start."""
+        if name in self.hub_commits:
+            from huggingface_hub import hf_hub_download
+
+            repo, commit = self.hub_commits[name]
+            return Path(hf_hub_download(repo, file_name, revision=commit))
+        return self.folders[name] / file_name
 
     @property
     def names(self) -> list[str]:
@@ -136,12 +226,7 @@ class Zoo:
 
     def weights_path(self, name: str) -> Path:
         """Local path of a model's weights (downloaded from the Hub at the pinned revision if needed)."""
-        card = self.card(name)
-        if self.source.hub_repo:
-            from huggingface_hub import hf_hub_download
-
-            return Path(hf_hub_download(self.source.hub_repo, f"{card.name}/{WEIGHTS_FILE}", revision=self.source.hub_revision))
-        return self.folders[name] / WEIGHTS_FILE
+        return self._file(self.card(name).name, WEIGHTS_FILE)
 
     def model(self, name: str) -> torch.nn.Module:
         """The loaded model (sha256-verified, strict), from the bounded cache."""
@@ -198,12 +283,7 @@ class Zoo:
         with self._lock:
             if name in self._ood:
                 return self._ood[name]
-        if self.source.hub_repo:
-            from huggingface_hub import hf_hub_download
-
-            path = Path(hf_hub_download(self.source.hub_repo, f"{card.name}/{card.ood.file}", revision=self.source.hub_revision))
-        else:
-            path = self.folders[name] / card.ood.file
+        path = self._file(card.name, card.ood.file)
         if sha256_file(path) != card.ood.sha256:
             raise WeightsError(f"the out-of-distribution file of {card.name!r} does not match the sha256 in its card")
         detector = OODDetector.load(path)

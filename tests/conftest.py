@@ -15,7 +15,7 @@ def _isolated_hf_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(hf_constants, "HUGGINGFACE_HUB_CACHE", str(cache), raising=False)
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-    for var in ("CXR_DEMO_HUB_REPO", "CXR_DEMO_HUB_REVISION", "CXR_DEMO_CHECKPOINTS", "CXR_DEMO_EXAMPLES"):
+    for var in ("CXR_DEMO_HUB_MODELS", "CXR_DEMO_CHECKPOINTS", "CXR_DEMO_EXAMPLES"):
         monkeypatch.delenv(var, raising=False)
     yield
 

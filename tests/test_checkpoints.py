@@ -104,7 +104,6 @@ def test_readme_zoo_table_is_current():
     assert main(["--check"]) == 0, "README.md's zoo table is stale: run python -m training.report"
 
 
-@pytest.mark.skipif(not (NIH / "images" / "00013118_008.png").is_file(), reason="../shared/data/nih14 is not present")
 def test_readme_client_example_runs(live_app, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)  # the example's image path is relative to the project root, as for a user
     text = (ROOT / "README.md").read_text()
@@ -129,3 +128,15 @@ def test_model_card_readme_states_the_evaluation(folder):
             assert results[f"AUROC {label}"] == round(v["auroc"], 4)
     assert hub_card.data.pipeline_tag == "image-classification" and "research-only" in hub_card.data.tags
     assert read_card(folder).sha256 in hub_card.text
+
+
+WEIGHTS_BUDGET_MB = 320  # README "How weights travel": weights stay in git, bounded
+
+
+def test_committed_weights_stay_within_budget_and_each_is_pinned_by_its_card():
+    files = sorted((ROOT / "checkpoints").rglob("*.safetensors")) + sorted((ROOT / "pretrain").rglob("*.safetensors"))
+    assert sum(f.stat().st_size for f in files) <= WEIGHTS_BUDGET_MB * 1e6
+    for f in files:
+        card = read_card(f.parent)
+        pinned = card.sha256 if f.name == "model.safetensors" else card.ood.sha256 if card.ood and f.name == card.ood.file else None
+        assert pinned == sha256_file(f), f"{f.relative_to(ROOT)} is not the file its card pins (a leftover copy?)"

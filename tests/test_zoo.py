@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from cxr_demo.card import CardError, read_card
 from cxr_demo.models import WeightsError, load_weights
-from cxr_demo.zoo import DEFAULT_CHECKPOINTS, UnknownModelError, Zoo, ZooSource
+from cxr_demo.zoo import UnknownModelError, Zoo, ZooSource
 from tests.helpers import make_checkpoint
 
 
@@ -97,87 +96,6 @@ def test_loaded_model_cache_is_bounded(tmp_path):
     for name in ["m0", "m1", "m2", "m0", "m3"]:
         zoo.model(name)
     assert zoo.loaded == ["m0", "m3"]
-
-
-def _populate_hub_cache(cache: Path, repo: str, commit: str, src: Path) -> None:
-    """Lay out a Hugging Face cache exactly as a previous online download would have."""
-    root = cache / f"models--{repo.replace('/', '--')}"
-    (root / "refs").mkdir(parents=True)
-    (root / "refs" / "main").write_text(commit)
-    shutil.copytree(src, root / "snapshots" / commit)
-
-
-@pytest.mark.parametrize("revision", [None, "0123456789abcdef0123456789abcdef01234567"])
-def test_hub_path_offline_from_cache(tmp_path, revision):
-    import huggingface_hub.constants as hf_constants
-
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    src = tmp_path / "publish"
-    make_checkpoint(src, name="tiny")
-    _populate_hub_cache(Path(hf_constants.HF_HUB_CACHE), "org/cxr-zoo", commit, src)
-    zoo = Zoo(ZooSource(tmp_path / "unused", hub_repo="org/cxr-zoo", hub_revision=revision))
-    assert zoo.names == ["tiny"]
-    path = zoo.weights_path("tiny")
-    assert commit in str(path)
-    assert isinstance(zoo.model("tiny"), torch.nn.Module)
-
-
-def test_hub_weights_are_verified_too(tmp_path):
-    import huggingface_hub.constants as hf_constants
-
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    src = tmp_path / "publish"
-    folder = make_checkpoint(src, name="tiny")
-    state = load_file(str(folder / "model.safetensors"))
-    save_file({k: v * 2 if v.is_floating_point() else v for k, v in state.items()}, str(folder / "model.safetensors"))
-    _populate_hub_cache(Path(hf_constants.HF_HUB_CACHE), "org/cxr-zoo", commit, src)
-    zoo = Zoo(ZooSource(tmp_path / "unused", hub_repo="org/cxr-zoo", hub_revision=commit))
-    with pytest.raises(WeightsError, match="sha256"):
-        zoo.model("tiny")
-
-
-def test_hub_env_selects_the_hub(tmp_path, monkeypatch):
-    from cxr_demo.zoo import source_from_env
-
-    monkeypatch.setenv("CXR_DEMO_HUB_REPO", "org/cxr-zoo")
-    monkeypatch.setenv("CXR_DEMO_HUB_REVISION", "v1")
-    assert source_from_env() == ZooSource(DEFAULT_CHECKPOINTS, "org/cxr-zoo", "v1")
-    monkeypatch.setenv("CXR_DEMO_CHECKPOINTS", str(tmp_path))
-    monkeypatch.delenv("CXR_DEMO_HUB_REPO")
-    assert source_from_env() == ZooSource(tmp_path, None, "v1")
-
-
-def test_card_is_a_config_timm_loads_from_an_offline_hub_cache(tmp_path):
-    """A checkpoint folder pushed as its own repo loads with timm.create_model("hf-hub:...") and gives the
-    app's probabilities."""
-    import huggingface_hub.constants as hf_constants
-    import timm
-
-    from cxr_demo.card import write_card
-    from cxr_demo.images import read_xray
-    from cxr_demo.inference import preprocess
-    from cxr_demo.service import DemoService
-    from tests.helpers import synthetic_xray
-
-    folder = make_checkpoint(tmp_path / "publish", name="tiny")
-    model = load_weights(read_card(folder), folder / "model.safetensors")
-    write_card(read_card(folder), folder, num_features=model.num_features)
-    raw = json.loads((folder / "config.json").read_text())
-    assert raw["num_classes"] == 14 and raw["pretrained_cfg"]["input_size"] == [1, 64, 64]
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    _populate_hub_cache(Path(hf_constants.HF_HUB_CACHE), "org/tiny", commit, folder)
-    hub_model = timm.create_model("hf-hub:org/tiny", pretrained=True).eval()
-    assert hub_model.pretrained_cfg["label_names"] == read_card(folder).label_names
-
-    from PIL import Image
-
-    path = tmp_path / "x.png"
-    Image.fromarray((synthetic_xray(80) * 255).astype("uint8")).save(path)
-    xray = read_xray(path)
-    with torch.inference_mode():
-        timm_probs = torch.sigmoid(hub_model(preprocess(xray.pixels, read_card(folder))))[0].numpy()
-    app = DemoService(Zoo(ZooSource(folder.parent))).predict(xray, "tiny").document["findings"]
-    assert [r["probability"] for r in app] == pytest.approx(timm_probs.tolist(), abs=1e-6)
 
 
 def test_timm_fields_that_disagree_with_the_card_are_refused(tmp_path):

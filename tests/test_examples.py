@@ -1,0 +1,52 @@
+"""The example films shipped with the app: at most 8 NIH official-test images with attribution and boxes,
+found (with their boxes) without the shared data folder, and the only files the server lets a browser read."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cxr_demo.groundtruth import EXAMPLES_DIR, NIH_BOX_FILE, default_examples, nih_boxes_for
+from tests.helpers import NIH
+
+
+def test_at_most_eight_small_nih_films_with_attribution_and_boxes():
+    films = default_examples()
+    assert 1 <= len(films) <= 8 and all(Path(p).parent == EXAMPLES_DIR for p in films)
+    for p in films:
+        with Image.open(p) as im:
+            assert max(im.size) <= 1024
+    readme = (EXAMPLES_DIR / "README.md").read_text()
+    assert "NIH Clinical Center" in readme and "Wang" in readme
+    with open(EXAMPLES_DIR / "labels.csv", newline="") as f:
+        assert {row["Image Index"] for row in csv.DictReader(f)} == {Path(p).name for p in films}
+
+
+@pytest.mark.skipif(not (NIH / "test_list.txt").is_file(), reason="../shared/data/nih14 is not present")
+def test_examples_are_official_test_images_never_training_ones():
+    test = set((NIH / "test_list.txt").read_text().split())
+    assert {Path(p).name for p in default_examples()} <= test
+
+
+def test_examples_and_their_boxes_work_without_the_shared_data(monkeypatch, tmp_path):
+    from cxr_demo.groundtruth import read_box_list
+
+    monkeypatch.setenv("CXR_DEMO_DATA_ROOT", str(tmp_path / "no-data-here"))
+    read_box_list.cache_clear()
+    films = default_examples()
+    assert films and Path(films[0]).name == "00013118_008.png"  # boxed films first
+    boxes = nih_boxes_for(Path(films[0]).name, 384, 384)
+    assert [f for f, _ in boxes] == ["Atelectasis"]
+    official = next(r for r in csv.reader(open(EXAMPLES_DIR / NIH_BOX_FILE)) if r[0] == "00013118_008.png")
+    assert boxes[0][1] == pytest.approx(tuple(float(v) * 384 / 1024 for v in official[2:6]))
+
+
+def test_the_server_may_read_the_example_files_only():
+    from cxr_demo.ui import launch_kwargs
+
+    allowed = launch_kwargs()["allowed_paths"]
+    assert sorted(allowed) == sorted(str(Path(p).resolve()) for p in default_examples())
+    assert all(Path(p).is_file() for p in allowed)
