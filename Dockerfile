@@ -16,6 +16,7 @@ COPY --chown=user examples ./examples
 
 USER user
 ENV GRADIO_SERVER_NAME=0.0.0.0 \
+    MALLOC_ARENA_MAX=2 \
     GRADIO_SERVER_PORT=7860 \
     GRADIO_ANALYTICS_ENABLED=False \
     HOME=/home/user

@@ -111,14 +111,14 @@ def serve_noop(port: int) -> None:
     (upload, queue, server-sent events, JSON) with the app's launch settings."""
     import gradio as gr
 
-    from cxr_demo.ui import MAX_FILE_SIZE
+    from cxr_demo.ui import MAX_FILE_SIZE, configure_queue
 
     with gr.Blocks() as demo:
         f = gr.File()
         out = gr.JSON()
         gr.Button().click(lambda path: {"bytes": Path(path).stat().st_size}, f, out, api_name="noop")
-    demo.queue(default_concurrency_limit=1).launch(server_name="127.0.0.1", server_port=port,
-                                                   max_file_size=MAX_FILE_SIZE, prevent_thread_lock=False)
+    configure_queue(demo).launch(server_name="127.0.0.1", server_port=port, max_file_size=MAX_FILE_SIZE,
+                                 prevent_thread_lock=False)
 
 
 PHASES = ("upload", "queue_wait", "preprocess", "fn_call", "postprocess", "total")

@@ -43,6 +43,10 @@ CAM_LABELS: dict[str, str] = {
     "ablationcam": "Ablation-CAM (slow)",
 }
 DEFAULT_CAM_METHOD = "gradcam"
+# One forward pass per activation channel (Score-CAM) or per ablated channel (Ablation-CAM): minutes per image
+# on a 2-core CPU (273 s and 261 s measured for Lite0). The localisation study may use them; the app's public
+# API offers them only when CXR_DEMO_SLOW_CAM=1.
+SLOW_CAM_METHODS = ("scorecam", "ablationcam")
 
 # CAM target layer per timm family (checked on timm 1.0.31 with in_chans=1). The first matching
 # prefix of the architecture name wins. Transformers also need a reshape, see ``reshape_for``.
@@ -80,14 +84,24 @@ def default_cam_layer(architecture: str) -> str:
 
 
 def resolve_module(model: torch.nn.Module, dotted: str) -> torch.nn.Module:
-    """Find a sub-module by a dotted path in which integers index sequences (``layer4.-1``)."""
+    """Find a sub-module by a dotted path in which integers index sequences (``layer4.-1``).
+
+    Raises:
+        ChoiceError: the path names no sub-module of this model (a card's layer that does not exist).
+    """
     module: torch.nn.Module = model
-    for part in dotted.split("."):
-        if part.lstrip("-").isdigit():
-            index = int(part)
-            module = module[index] if hasattr(module, "__getitem__") else list(module.children())[index]
-        else:
-            module = getattr(module, part)
+    try:
+        for part in dotted.split("."):
+            if part.lstrip("-").isdigit():
+                index = int(part)
+                module = module[index] if hasattr(module, "__getitem__") else list(module.children())[index]
+            else:
+                module = getattr(module, part)
+    except (AttributeError, IndexError, KeyError, TypeError):
+        raise ChoiceError(f"The heatmap layer {dotted[:60]!r} does not exist in this model; its card is wrong, so no "
+                          "heatmap can be drawn for it.") from None
+    if not isinstance(module, torch.nn.Module):
+        raise ChoiceError(f"The heatmap layer {dotted[:60]!r} is not a layer of this model; its card is wrong.")
     return module
 
 

@@ -8,6 +8,7 @@ incomplete or inconsistent raises with a message that says how to fix it.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +35,11 @@ OPERATING_POINT_HELP: dict[str, str] = {
 
 # A zoo name is a plain identifier, never a path: it indexes a dict, it is not joined to a folder
 # by the caller.
+# What a card may pass to timm.create_model: architecture sizes only. Anything else (checkpoint_path,
+# pretrained, pretrained_cfg_overlay, ...) could make timm read or fetch files the sha256 does not cover.
+ALLOWED_MODEL_ARGS = frozenset({"in_chans", "img_size", "drop_rate", "drop_path_rate", "growth_rate", "block_config",
+                                "embed_dim", "depths", "num_heads", "members"})
+
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 
@@ -43,6 +49,40 @@ class CardError(ValueError):
 
 class ChoiceError(ValueError):
     """A request asks for an operating point, finding or heatmap method the model does not offer."""
+
+
+def choice_text(value: Any, what: str, optional: bool = True) -> str | None:
+    """A text argument from the UI or the API, checked: ``None``/empty (when optional) or a short string.
+
+    Raises:
+        ChoiceError: anything else (a number, a list, a very long string), in a sentence.
+    """
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if optional:
+            return None
+        raise ChoiceError(f"Please choose the {what}.")
+    if not isinstance(value, str):
+        raise ChoiceError(f"The {what} must be given as text, not {type(value).__name__}.")
+    if len(value) > 200:
+        raise ChoiceError(f"The {what} is too long to be a valid choice.")
+    return value
+
+
+def choice_number(value: Any, what: str, low: float, high: float) -> float:
+    """A numeric argument (a slider) from the UI or the API: a finite number in ``[low, high]``.
+
+    Raises:
+        ChoiceError: text that is not a number, None, a boolean, NaN/infinity, or out of range.
+    """
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ChoiceError(f"The {what} must be a number between {low:g} and {high:g}.") from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or not low <= value <= high:
+        raise ChoiceError(f"The {what} must be a number between {low:g} and {high:g}.")
+    return float(value)
 
 
 class EvalMetrics(BaseModel):
@@ -126,6 +166,22 @@ class ModelCard(BaseModel):
                 f"model name {v!r} must be lower-case letters, digits, '_', '-' or '.', at most 64 "
                 "characters, and never a path"
             )
+        return v
+
+    @field_validator("model_args")
+    @classmethod
+    def _allowed_model_args(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key, value in v.items():
+            if key not in ALLOWED_MODEL_ARGS:
+                raise ValueError(f"model_args key {key!r} is not allowed (allowed: {', '.join(sorted(ALLOWED_MODEL_ARGS))}); "
+                                 "keys such as checkpoint_path or pretrained would make timm read other files")
+            if key == "members":
+                if not (isinstance(value, list) and all(isinstance(m, dict) and set(m) == {"name", "sha256"} for m in value)):
+                    raise ValueError("model_args['members'] must list {name, sha256} of each ensemble member")
+                continue
+            numbers = value if isinstance(value, list | tuple) else [value]
+            if not numbers or any(isinstance(n, bool) or not isinstance(n, int | float) for n in numbers):
+                raise ValueError(f"model_args[{key!r}] must be a number or a list of numbers, not {value!r}")
         return v
 
     @field_validator("label_names")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import re
 from collections import defaultdict
@@ -74,12 +75,19 @@ def scale_boxes(boxes: list[tuple[str, Box]], width: int, height: int) -> list[t
     return [(f, (x * sx, y * sy, w * sx, h * sy)) for f, (x, y, w, h) in boxes]
 
 
+def _lookup(boxes: dict[str, list], file_name: str) -> list:
+    """An image's official boxes by file name, whatever its extension (``00013118_008.jpg`` or ``.dcm`` finds
+    the boxes of ``00013118_008.png``)."""
+    name = Path(file_name).name
+    return boxes.get(name) or boxes.get(Path(name).stem + ".png", [])
+
+
 def nih_boxes_for(file_name: str, width: int, height: int, path: Path | None = None) -> list[tuple[str, Box]]:
-    """Official boxes of an image, matched by its file name, scaled from the 1024 frame to the image."""
+    """Official boxes of an image, matched by its file name (any extension), scaled from the 1024 frame."""
     path = path or bbox_csv_path()
-    if path is None:
+    if path is None or not file_name:
         return []
-    return scale_boxes(read_box_list(path).get(Path(file_name).name, []), width, height)
+    return scale_boxes(_lookup(read_box_list(path), file_name), width, height)
 
 
 def boxed_findings(file_name: str) -> list[str]:
@@ -87,7 +95,7 @@ def boxed_findings(file_name: str) -> list[str]:
     path = bbox_csv_path()
     if not file_name or path is None:
         return []
-    return sorted({f for f, _ in read_box_list(path).get(Path(file_name).name, [])})
+    return sorted({f for f, _ in _lookup(read_box_list(path), file_name)})
 
 
 def default_examples(folder: str | Path | None = None) -> list[str]:
@@ -106,47 +114,71 @@ def default_examples(folder: str | Path | None = None) -> list[str]:
 
 
 _NUM = r"\s*(-?\d+(?:\.\d+)?)\s*"
+MAX_TYPED_BOXES = 20  # a person types a few boxes; more is not ground truth but load
+MAX_BOX_TEXT = 2000  # characters: 20 boxes of four numbers fit with room to spare
+MIN_BOX_SIDE = 1.0  # pixels
+
+
+def _box_values(text: str) -> list[list[float]]:
+    """The numbers of typed boxes, from JSON ``[x,y,w,h]`` / ``[[x,y,w,h], ...]`` or ``x, y, w, h; ...``.
+
+    The text is bounded before parsing (length, nesting), so no input makes the parser recurse deeply.
+    """
+    if text.startswith("["):
+        depth = 0
+        for ch in text:  # nesting checked by counting, before json (which recurses) sees the text
+            depth += ch == "["
+            depth -= ch == "]"
+            if depth > 2:
+                raise BoxInputError("Write each ground-truth box as [x, y, w, h], several as [[x, y, w, h], ...].")
+        try:
+            data = json.loads(text, parse_constant=lambda c: float("nan"))
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise BoxInputError("The ground-truth box is not valid JSON; write it as x, y, w, h.") from e
+        if isinstance(data, list) and data and not any(isinstance(v, list) for v in data):
+            data = [data]
+        if not (isinstance(data, list) and all(isinstance(b, list) and len(b) == 4 for b in data)):
+            raise BoxInputError("Each ground-truth box needs exactly four numbers: x, y, w, h.")
+        if any(isinstance(v, bool) or not isinstance(v, int | float) for b in data for v in b):
+            raise BoxInputError("Each ground-truth box needs exactly four numbers: x, y, w, h.")
+        return [[float(v) for v in b] for b in data]
+    values = []
+    for part in text.split(";"):
+        if not part.strip():
+            continue
+        m = re.fullmatch(_NUM + "," + _NUM + "," + _NUM + "," + _NUM, part)
+        if not m:
+            raise BoxInputError(
+                f"Could not read the ground-truth box {part.strip()[:40]!r}; write it as x, y, w, h in image "
+                "pixels (several boxes separated by ';')."
+            )
+        values.append([float(v) for v in m.groups()])
+    return values
 
 
 def parse_boxes(text: str | None, width: int, height: int) -> list[Box]:
     """Parse typed boxes ``"x, y, w, h"`` (several separated by ``;``) or JSON ``[[x,y,w,h], ...]``.
 
+    At most :data:`MAX_TYPED_BOXES` boxes in at most :data:`MAX_BOX_TEXT` characters; every number finite,
+    every side at least one pixel, every box inside the image.
+
     Raises:
-        BoxInputError: the text is not boxes, or a box is empty or outside the image.
+        BoxInputError: the text is not boxes, or a box is empty, too small, not finite or outside the image.
     """
     if text is None or not str(text).strip():
         return []
     text = str(text).strip()
-    values: list[list[float]]
-    if text.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise BoxInputError("The ground-truth box is not valid JSON; write it as x, y, w, h.") from e
-        if data and all(isinstance(v, int | float) for v in data):
-            data = [data]
-        if not (isinstance(data, list) and all(isinstance(b, list) and len(b) == 4 for b in data)):
-            raise BoxInputError("Each ground-truth box needs exactly four numbers: x, y, w, h.")
-        try:
-            values = [[float(v) for v in b] for b in data]
-        except (TypeError, ValueError) as e:
-            raise BoxInputError("Each ground-truth box needs exactly four numbers: x, y, w, h.") from e
-    else:
-        values = []
-        for part in text.split(";"):
-            if not part.strip():
-                continue
-            m = re.fullmatch(_NUM + "," + _NUM + "," + _NUM + "," + _NUM, part)
-            if not m:
-                raise BoxInputError(
-                    f"Could not read the ground-truth box {part.strip()[:40]!r}; write it as x, y, w, h in image "
-                    "pixels (several boxes separated by ';')."
-                )
-            values.append([float(v) for v in m.groups()])
+    if len(text) > MAX_BOX_TEXT:
+        raise BoxInputError(f"Too much ground-truth text: type at most {MAX_TYPED_BOXES} boxes as x, y, w, h.")
+    values = _box_values(text)
+    if len(values) > MAX_TYPED_BOXES:
+        raise BoxInputError(f"Type at most {MAX_TYPED_BOXES} ground-truth boxes (got {len(values)}).")
     boxes: list[Box] = []
     for x, y, w, h in values:
-        if w <= 0 or h <= 0:
-            raise BoxInputError("A ground-truth box must have a positive width and height.")
+        if not all(math.isfinite(v) for v in (x, y, w, h)):
+            raise BoxInputError("A ground-truth box holds a value that is not a finite number.")
+        if w < MIN_BOX_SIDE or h < MIN_BOX_SIDE:
+            raise BoxInputError("A ground-truth box must be at least one pixel wide and high.")
         if x < 0 or y < 0 or x + w > width + 0.5 or y + h > height + 0.5:
             raise BoxInputError(
                 f"The ground-truth box ({x:g}, {y:g}, {w:g}, {h:g}) lies outside the {width} x {height} image."

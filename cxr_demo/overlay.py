@@ -11,6 +11,7 @@ from cxr_demo.boxes import Box
 
 PRED_COLOUR = (255, 214, 0)  # yellow: model's box
 TRUTH_COLOUR = (0, 230, 118)  # green: radiologist's box
+MAX_OVERLAY_SIDE = 1024  # the overlay is shown at the film's own resolution, up to this many pixels a side
 
 
 def _jet(heat: np.ndarray) -> np.ndarray:
@@ -31,7 +32,9 @@ def render_overlay(
 ) -> np.ndarray:
     """Blend a heatmap (image frame, [0,1]) onto an 8-bit grayscale image and draw boxes.
 
-    Predicted boxes are yellow, ground-truth boxes green (dashed look via a thicker outline).
+    Predicted boxes are yellow and labelled P1.., ground-truth boxes green and labelled T1.. (thicker
+    outline). The legend and the colour scale are drawn outside the image by the caller
+    (:func:`colour_bar_css`), so nothing covers the film.
     """
     base = np.repeat(gray[..., None].astype(np.float32) / 255.0, 3, axis=2)
     if heatmap is not None and opacity > 0:
@@ -48,9 +51,22 @@ def render_overlay(
     for i, (x, y, w, h) in enumerate(pred_boxes, 1):
         draw.rectangle([x, y, x + w, y + h], outline=PRED_COLOUR, width=width)
         draw.text((x, max(y - 11 - width, 0)), f"P{i}", fill=PRED_COLOUR)  # above the box
-    if (truth_boxes or pred_boxes) and min(gray.shape) >= 128:  # legend, bottom-left
-        x0, y0 = 4, gray.shape[0] - 28
-        draw.rectangle([x0, y0, x0 + 150, y0 + 24], fill=(0, 0, 0))
-        draw.text((x0 + 4, y0 + 1), "P = model's box", fill=PRED_COLOUR)
-        draw.text((x0 + 4, y0 + 12), "T = radiologist's box", fill=TRUTH_COLOUR)
     return np.asarray(out)
+
+
+def colour_bar_css() -> str:
+    """The overlay's colour scale as a CSS gradient (the same jet-like map), for a colour bar drawn outside
+    the image."""
+    stops = [f"rgb{tuple(int(round(255 * c)) for c in _jet(np.array([v]))[0])} {100 * v:.0f}%"
+             for v in np.linspace(0, 1, 9)]
+    return "linear-gradient(to right, " + ", ".join(stops) + ")"
+
+
+def fit_overlay(overlay: np.ndarray, max_side: int = MAX_OVERLAY_SIDE) -> np.ndarray:
+    """The overlay at the film's own resolution, or shrunk (aspect kept) so its longer side is ``max_side``."""
+    h, w = overlay.shape[:2]
+    if max(h, w) <= max_side:
+        return overlay
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(overlay).resize(size, Image.Resampling.LANCZOS))

@@ -7,6 +7,7 @@ Uploads are decoded by ``cxr_demo.uploads``; the Gradio layer (``cxr_demo.ui``) 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -15,12 +16,12 @@ import numpy as np
 import torch
 
 from cxr_demo.boxes import best_match, match_truth, predicted_boxes
-from cxr_demo.cam import explain_settings, heatmap_and_logits, resize_heatmap
-from cxr_demo.card import ChoiceError, ModelCard
+from cxr_demo.cam import CAM_LABELS, SLOW_CAM_METHODS, explain_settings, heatmap_and_logits, resize_heatmap
+from cxr_demo.card import ChoiceError, ModelCard, choice_number, choice_text
 from cxr_demo.groundtruth import BoxInputError, nih_boxes_for, parse_boxes
 from cxr_demo.images import ImageInputError, XRay
 from cxr_demo.inference import features_and_logits, findings_table, logits_to_probabilities, preprocess
-from cxr_demo.overlay import render_overlay
+from cxr_demo.overlay import fit_overlay, render_overlay
 from cxr_demo.zoo import UnknownModelError, Zoo
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 LOW_PROBABILITY = 0.2
 OOD_WARNING = ("This image looks unlike the chest X-rays this model was trained on (out-of-distribution check); "
                "its findings may be meaningless.")
+
+OOD_UNAVAILABLE = ("This model's is-this-a-chest-X-ray check could not be loaded, so this film was not checked "
+                   "against the model's training images.")
 
 USER_ERRORS: tuple[type[Exception], ...] = (ImageInputError, UnknownModelError, BoxInputError, ChoiceError)
 
@@ -52,9 +56,12 @@ class DemoService:
     (or a CAM and a forward pass) must not interleave on one model.
     """
 
-    def __init__(self, zoo: Zoo) -> None:
+    def __init__(self, zoo: Zoo, allow_slow_cam: bool | None = None) -> None:
         self.zoo = zoo
         self._model_lock = threading.RLock()
+        if allow_slow_cam is None:
+            allow_slow_cam = os.environ.get("CXR_DEMO_SLOW_CAM", "") == "1"
+        self.allow_slow_cam = allow_slow_cam
 
     def models(self) -> list[dict[str, Any]]:
         """Zoo entries for the ``/models`` endpoint, the default model first."""
@@ -75,12 +82,17 @@ class DemoService:
     def predict(self, xray: XRay, model_name: str, operating_point: str | None = None) -> Prediction:
         """Probabilities, thresholds and flags for every finding of ``model_name``'s card."""
         card = self.zoo.card(model_name)
-        op = self._operating_point(card, operating_point)
+        op = self._operating_point(card, choice_text(operating_point, "operating point"))
         x = preprocess(xray.pixels, card)
         warnings = list(xray.warnings)
         with self._model_lock:
             model = self.zoo.model(card.name)
-            detector = self.zoo.ood(card.name)
+            try:
+                detector = self.zoo.ood(card.name)
+            except Exception as e:  # noqa: BLE001 - a damaged OOD file costs the check, not the answer
+                log.warning("out-of-distribution check of %s unavailable: %s", card.name, type(e).__name__)
+                detector = None
+                warnings.append(OOD_UNAVAILABLE)
             with torch.inference_mode():
                 features, logits = features_and_logits(model, x)  # one pass: findings and the OOD check
         probs = logits_to_probabilities(logits, card.task_kind)[0].float().numpy()
@@ -113,9 +125,17 @@ class DemoService:
         is typed, from the NIH box list matched by the uploaded file's name.
         """
         card = self.zoo.card(model_name)
+        finding = choice_text(finding, "finding")
+        method = choice_text(method, "heatmap method")
+        opacity = choice_number(opacity, "heatmap opacity", 0.0, 1.0)
+        box_threshold = None if box_threshold is None else choice_number(box_threshold, "box threshold", 0.0, 0.95)
+        if ground_truth is not None and not isinstance(ground_truth, str):
+            raise BoxInputError("Type the ground-truth box as text: x, y, w, h (several separated by ';').")
         settings = explain_settings(card, method, box_threshold)
-        if not 0.0 <= float(opacity) <= 1.0:
-            raise ChoiceError("Opacity must be between 0 and 1.")
+        if settings.method in SLOW_CAM_METHODS and not self.allow_slow_cam:
+            raise ChoiceError(f"{CAM_LABELS[settings.method].replace(' (slow)', '')} takes minutes per image on this "
+                              "server's CPU and would hold up everyone else, so it is switched off here; choose "
+                              "Grad-CAM or another fast method.")
         if finding and finding not in card.label_names:
             raise ChoiceError(
                 f"{card.name} has no finding {str(finding)[:40]!r}; choose one of: {', '.join(card.label_names)}."
@@ -155,7 +175,7 @@ class DemoService:
                 f"The model gives {finding} a low probability ({prob:.2f}); this heatmap shows where it looked, "
                 "not a finding it sees."
             )
-        overlay = render_overlay(xray.to_uint8(), heat, float(opacity), pred_boxes, truth)
+        overlay = fit_overlay(render_overlay(xray.to_uint8(), heat, float(opacity), pred_boxes, truth))
         doc = {
             "finding": finding,
             "probability": prob,

@@ -13,11 +13,12 @@ from typing import Any
 import gradio as gr
 
 from cxr_demo import INTENDED_USE
-from cxr_demo.cam import CAM_LABELS
+from cxr_demo.cam import CAM_LABELS, SLOW_CAM_METHODS
 from cxr_demo.card import OPERATING_POINT_HELP, ModelCard
 from cxr_demo.groundtruth import boxed_findings, default_examples
 from cxr_demo.images import IMAGE_SUFFIXES, XRay
-from cxr_demo.overlay import PRED_COLOUR, TRUTH_COLOUR
+from cxr_demo.labels import display_name
+from cxr_demo.overlay import PRED_COLOUR, TRUTH_COLOUR, colour_bar_css
 from cxr_demo.service import USER_ERRORS, DemoService
 from cxr_demo.uploads import UploadStore
 from cxr_demo.zoo import Zoo
@@ -27,29 +28,62 @@ log = logging.getLogger(__name__)
 UPLOAD_TYPES = list(IMAGE_SUFFIXES)
 MAX_FILE_SIZE = "64mb"
 MOST_PROBABLE = "(most probable)"
+# On a phone the bar column gives way, so the numbers, thresholds and flags stay in view.
+APP_CSS = """
+@media (max-width: 640px) {
+  .cxr-findings .cxr-bar { display: none; }
+  .cxr-findings table { font-size: 12px !important; }
+}
+.cxr-findings th, .cxr-findings td, .cxr-compare th, .cxr-compare td { padding: 2px 4px; }
+#examples .grid-container { grid-template-columns: repeat(4, minmax(0, 1fr)) !important;
+                            grid-template-rows: none !important; grid-auto-rows: auto !important; }
+#examples .grid-wrap { min-height: 0 !important; max-height: none !important; height: auto !important;
+                       overflow-y: visible !important; padding-top: 44px !important; }
+#examples .caption-label { font-size: 11px; }
+"""
+
+
+def checked_slider(*args, **kwargs) -> gr.Slider:
+    """A slider whose value reaches the handler unchecked, so the service answers a bad API value ("abc",
+    None, NaN, out of range) with its own sentence instead of Gradio's bare comparison error. (An instance
+    override, not a subclass: Gradio writes a .pyi stub beside the module of every Component subclass.)"""
+    slider = gr.Slider(*args, **kwargs)
+    slider.preprocess = lambda payload: payload
+    return slider
 
 
 def user_errors_as_gr_error(fn: Callable) -> Callable:
     """Turn the service's user errors into ``gr.Error`` carrying their sentence (API clients see exactly
-    that sentence); anything else is a bug and propagates."""
+    that sentence) and one log line without a traceback; anything else is a bug and propagates."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as e:
-            raise gr.Error(str(e), title="Cannot analyse this input") from e
+            # One line per user error: which handler and which kind, never a traceback, a path or a file name.
+            log.info("user error in %s: %s", fn.__name__, type(e).__name__)
+            raise gr.Error(str(e), title="Cannot analyse this input", print_exception=False) from None
 
     return wrapper
 
 
+FINDINGS_PLACEHOLDER = ("<div class='cxr-findings cxr-empty'><p>Upload a chest X-ray or click an example: the findings "
+                        "appear here as soon as the film is read.</p></div>")
+HEATMAP_PLACEHOLDER = "Choose a finding and press **Show heatmap** to see where the model looked."
+COMPARE_PLACEHOLDER = ("<p class='cxr-empty'>Press the button to run every model of the chosen model's task on this "
+                       "film.</p>")
+
+
 def findings_html(doc: dict[str, Any]) -> str:
-    """A sorted bar chart of probabilities with each threshold marked; flagged findings stand out."""
+    """A sorted bar chart of probabilities with each threshold marked; flagged findings stand out. It scrolls
+    sideways inside its column rather than being cut off on a narrow screen."""
     rows = sorted(doc["findings"], key=lambda r: -r["probability"])
     lines = [
-        '<div class="cxr-findings"><table style="width:100%;border-collapse:collapse;font-size:14px">',
-        "<thead><tr><th style='text-align:left'>Finding</th><th style='text-align:left;width:50%'>Probability "
-        "(black tick = threshold)</th><th>p</th><th>threshold</th><th>flag</th></tr></thead><tbody>",
+        '<div class="cxr-findings" style="overflow-x:auto;max-width:100%">'
+        '<table style="width:100%;border-collapse:collapse;font-size:14px">',
+        "<thead><tr><th style='text-align:left'>Finding</th><th class='cxr-bar' style='text-align:left;width:38%;min-width:90px'>"
+        "Probability (black tick = threshold)</th><th>probability</th><th>threshold</th><th>flag</th></tr></thead><tbody>",
     ]
     for r in rows:
         p = r["probability"]
@@ -68,11 +102,11 @@ def findings_html(doc: dict[str, Any]) -> str:
         weight = "bold" if pos else "normal"
         lines.append(
             f"<tr class='{'flagged' if pos else 'not-flagged'}' style='border-bottom:1px solid #dee2e6'>"
-            f"<td style='font-weight:{weight}'>{html.escape(r['name'])}</td><td>{bar}</td>"
+            f"<td style='font-weight:{weight}'>{html.escape(display_name(r['name']))}</td><td class='cxr-bar'>{bar}</td>"
             f"<td style='text-align:right'>{p:.3f}</td><td style='text-align:right'>{'' if t is None else f'{t:.3f}'}</td>"
-            f"<td style='text-align:center'>{flag}</td></tr>"
+            f"<td style='text-align:center;white-space:nowrap'>{flag}</td></tr>"
         )
-    lines.append("</tbody></table>")
+    lines.append("</tbody></table></div>")
     n_pos = sum(r["positive"] for r in rows)
     lines.append(
         f"<p>{n_pos} of {len(rows)} findings pass the <b>{html.escape(doc['operating_point'])}</b> thresholds. "
@@ -80,7 +114,6 @@ def findings_html(doc: dict[str, Any]) -> str:
     )
     for w in doc.get("warnings", []):
         lines.append(f"<p style='color:#d9480f'>&#9888; {html.escape(w)}</p>")
-    lines.append("</div>")
     return "\n".join(lines)
 
 
@@ -91,7 +124,7 @@ def card_markdown(card: ModelCard, eval_path: Path | None) -> str:
            f"- **Architecture:** `{card.architecture}` {json.dumps(card.model_args)}, input {card.input_size} px, "
            f"mean {card.mean}, std {card.std}",
            f"- **Initialisation:** {card.init}", f"- **Training data:** {card.data_source}",
-           f"- **Task:** {card.task} ({card.task_kind}), labels: {', '.join(card.label_names)}",
+           f"- **Task:** {card.task} ({card.task_kind}), labels: {', '.join(map(display_name, card.label_names))}",
            f"- **Heatmap layer:** `{card.cam_target_layer}`", f"- **License:** {card.license}",
            f"- **Weights sha256:** `{card.sha256}`", ""]
     if m is not None:
@@ -111,11 +144,11 @@ def card_markdown(card: ModelCard, eval_path: Path | None) -> str:
                 ci_k = v.get("auroc_ci95")
                 auc = "n/a" if v.get("auroc") is None else f"{v['auroc']:.3f}"
                 ci_s = "n/a" if not ci_k else f"{ci_k[0]:.3f}–{ci_k[1]:.3f}"
-                out.append(f"| {k} | {auc} | {ci_s} | {v.get('positives')} |")
+                out.append(f"| {display_name(k)} | {auc} | {ci_s} | {v.get('positives')} |")
             if ev.get("caution"):
                 out += ["", f"*{ev['caution']}*"]
         elif m.per_label_auroc:
-            out += ["", "| finding | AUROC |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in m.per_label_auroc.items()]
+            out += ["", "| finding | AUROC |", "|---|---|"] + [f"| {display_name(k)} | {v:.3f} |" for k, v in m.per_label_auroc.items()]
     else:
         out.append("*No evaluation file: this model's performance is unknown.*")
     if card.limitations:
@@ -135,6 +168,7 @@ class Handlers:
 
     def __init__(self, zoo: Zoo, examples: list[str]) -> None:
         self.zoo = zoo
+        self.examples = list(examples)
         self.service = DemoService(zoo)
         self.store = UploadStore({Path(p).name for p in examples})
 
@@ -147,25 +181,37 @@ class Handlers:
         return (
             f"**{card.summary}**  \n{INTENDED_USE}",
             gr.update(choices=ops, value=ops[0]),
-            gr.update(choices=[MOST_PROBABLE] + card.label_names, value=MOST_PROBABLE),
+            gr.update(choices=[MOST_PROBABLE] + [(display_name(lab), lab) for lab in card.label_names],
+                      value=MOST_PROBABLE),
             card_markdown(card, self.zoo.eval_file(name)),
         )
 
+    @staticmethod
+    def cleared_results() -> tuple:
+        """Every result view emptied: findings, findings JSON, overlay, explain JSON and note, compare view
+        and JSON. A new film (or none) must never sit next to the previous film's results."""
+        return FINDINGS_PLACEHOLDER, None, None, None, HEATMAP_PLACEHOLDER, COMPARE_PLACEHOLDER, None
+
     @user_errors_as_gr_error
     def on_upload(self, path: str | None, model_name: str | None, state: XRay | None):
-        """Decode a new upload: preview, the finding the radiologist boxed, a note, the session's image."""
+        """Decode a new upload (or a cleared one): preview, the finding the radiologist boxed, a note, the
+        session's image, and every result view cleared."""
         if not path:
-            return None, gr.update(), "", None
+            return (None, gr.update(), "", None, *self.cleared_results())
         xray = self.store.take(path, state)
         boxed = boxed_findings(xray.name)
         note = f"{xray.source_format}, {xray.width} x {xray.height} px."
         if boxed:
-            note += f" Radiologist boxes available for: {', '.join(boxed)}."
+            note += f" Radiologist boxes available for: {', '.join(map(display_name, boxed))}."
         note += "".join(f"  \n&#9888; {w}" for w in xray.warnings)
         update = gr.update()
         if boxed and model_name in self.zoo.cards and boxed[0] in self.zoo.cards[model_name].label_names:
             update = gr.update(value=boxed[0])
-        return xray.to_uint8(), update, note, xray
+        return (xray.to_uint8(), update, note, xray, *self.cleared_results())
+
+    def pick_example(self, evt: gr.SelectData) -> str:
+        """The example film whose thumbnail was clicked, into the upload box (which starts the analysis)."""
+        return self.examples[evt.index]
 
     def models_api(self) -> list[dict]:
         """Every zoo entry: name, task, label names, operating points and headline metrics."""
@@ -189,53 +235,92 @@ class Handlers:
         return overlay, doc, explain_markdown(doc)
 
     @user_errors_as_gr_error
-    def compare(self, path: str | None, operating_point: str, state: XRay | None = None,
-                progress=gr.Progress()) -> tuple[str, dict]:
-        """Every zoo model on the same image, probabilities side by side."""
+    def compare(self, path: str | None, operating_point: str, model_name: str | None = None,
+                state: XRay | None = None, progress=gr.Progress()) -> tuple[str, dict]:
+        """Every zoo model of the chosen model's task on the same film (the default model's task when no model
+        is given), probabilities side by side with each model's operating point and flags."""
         xray = self.store.take(path, state)
+        names = self.zoo.names
+        task = self.zoo.card(model_name).task if model_name else (self.zoo.cards[names[0]].task if names else None)
         results = {}
-        for name in progress.tqdm(self.zoo.names, desc="Running every model"):
+        for name in progress.tqdm([n for n in names if self.zoo.cards[n].task == task], desc="Running every model"):
             card = self.zoo.cards[name]
             op = operating_point if operating_point in card.operating_points else card.operating_points[0]
             results[name] = self.service.predict(xray, name, op).document
-        return compare_html(results), {"operating_point": operating_point, "results": results}
+        return compare_html(results, task), {"task": task, "operating_point": operating_point, "results": results}
 
 
 def explain_markdown(doc: dict[str, Any]) -> str:
-    """The explain result in words: finding, method, box rule, IoU per ground-truth box, warnings."""
-    lines = [f"**{doc['finding']}** (p = {doc['probability']:.3f}), {CAM_LABELS[doc['method']]} at `{doc['layer']}`, "
-             f"box: {doc['box_rule']}; "
-             f"<span style='color:rgb{PRED_COLOUR}'>&#9632;</span> model's box, "
-             f"<span style='color:rgb{TRUTH_COLOUR}'>&#9632;</span> radiologist's box."]
+    """The explain result in words, under the image: finding, method, box rule, a legend and colour scale
+    (outside the image), IoU per ground-truth box, and each warning once."""
+    truth = bool(doc["ground_truth_boxes"])
+    legend = f"<span style='color:rgb{PRED_COLOUR}'>&#9632;</span> P = model's box"
+    if truth:
+        legend += f", <span style='color:rgb{TRUTH_COLOUR}'>&#9632;</span> T = radiologist's box"
+    paragraphs = [
+        f"**{display_name(doc['finding'])}** (probability {doc['probability']:.3f}), {CAM_LABELS[doc['method']]} "
+        f"at `{doc['layer']}`, box: {doc['box_rule']}.",
+        "<div class='cxr-colour-bar' style='display:flex;align-items:center;gap:6px;font-size:12px'>"
+        "<span>low</span><span style='flex:1;max-width:260px;height:10px;border-radius:2px;"
+        f"background:{colour_bar_css()}'></span><span>high attention</span>"
+        f"<span style='margin-left:12px'>{legend}</span></div>",
+    ]
     if doc["iou"] is not None:
-        lines.append(f"**IoU {doc['iou']:.3f}**, IoBB {doc['iobb']:.3f} (ground truth: {doc['ground_truth_source']}).")
-        for i, b in enumerate(doc["per_box"], 1):
-            lines.append(f"- box {i} {b['ground_truth']}: IoU {b['iou']:.3f}, IoBB {b['iobb']:.3f}")
-    else:
-        lines.append("No ground truth for this finding: no IoU.")
-    lines += [f"&#9888; {w}" for w in doc["warnings"]]
-    return "  \n".join(lines)
+        paragraphs.append(f"**IoU {doc['iou']:.3f}**, IoBB {doc['iobb']:.3f} (ground truth: "
+                          f"{doc['ground_truth_source']}).")
+        paragraphs.append("\n".join(f"- T{i} {b['ground_truth']}: IoU {b['iou']:.3f}, IoBB {b['iobb']:.3f}"
+                                     for i, b in enumerate(doc["per_box"], 1)))
+    elif not any("IoU" in w or "box" in w for w in doc["warnings"]):
+        paragraphs.append("No ground truth for this finding: no IoU.")
+    if doc["warnings"]:
+        paragraphs.append("  \n".join(f"&#9888; {w}" for w in doc["warnings"]))
+    return "\n\n".join(paragraphs)
 
 
-def compare_html(results: dict[str, dict]) -> str:
-    """Findings as rows, models as columns; a value that passes its model's threshold is bold."""
+def _short(name: str, task: str | None) -> str:
+    """A model's name without its task prefix, for narrow column headers."""
+    return name[len(task) + 1:] if task and name.startswith(task + "-") else name
+
+
+def compare_html(results: dict[str, dict], task: str | None = None) -> str:
+    """Findings as rows, models as columns (one task only), each column headed by its operating point; a
+    value that passes its model's threshold is bold and marked. The table scrolls sideways inside its column,
+    with the finding names kept in view."""
     labels: list[str] = []
     for doc in results.values():
         labels += [r["name"] for r in doc["findings"] if r["name"] not in labels]
-    head = "".join(f"<th>{html.escape(n)}</th>" for n in results)
-    body = []
+    sticky = "position:sticky;left:0;background:var(--background-fill-primary, #fff);text-align:left"
+    head = "".join(f"<th title='{html.escape(n)}' style='font-size:12px;min-width:60px;word-break:keep-all'>"
+                   + html.escape(_short(n, task)).replace("-", "-<wbr>") + "</th>" for n in results)
+    ops = "".join(f"<td style='font-size:12px;text-align:right'>{html.escape(d['operating_point'])}</td>"
+                  for d in results.values())
+    body = [f"<tr><td style='{sticky};font-size:12px'><i>operating point</i></td>{ops}</tr>"]
     for lab in labels:
         cells = []
         for doc in results.values():
             row = next((r for r in doc["findings"] if r["name"] == lab), None)
             if row is None:
                 cells.append("<td>—</td>")
-            else:
-                style = "font-weight:bold;color:#d9480f" if row["positive"] else ""
-                cells.append(f"<td style='text-align:right;{style}'>{row['probability']:.3f}</td>")
-        body.append(f"<tr><td>{html.escape(lab)}</td>{''.join(cells)}</tr>")
-    return (f"<table style='width:100%'><thead><tr><th>finding</th>{head}</tr></thead><tbody>{''.join(body)}"
-            "</tbody></table><p>Bold = passes that model's threshold.</p>")
+                continue
+            t = row["threshold"]
+            tip = f"threshold {t:.3f}" if t is not None else "no threshold (argmax rule)"
+            text = f"{row['probability']:.3f}" + (" &#10003;" if row["positive"] else "")
+            style = "font-weight:bold;color:#d9480f;" if row["positive"] else ""
+            cells.append(f"<td title='{tip}' style='text-align:right;white-space:nowrap;{style}'>{text}</td>")
+        body.append(f"<tr><td style='{sticky}'>{html.escape(display_name(lab))}</td>{''.join(cells)}</tr>")
+    return ("<div class='cxr-compare' style='overflow-x:auto;max-width:100%'>"
+            f"<table style='border-collapse:collapse;font-size:13px'><thead><tr><th style='{sticky}'>finding</th>{head}"
+            f"</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
+            f"<p>{len(results)} models of the task {html.escape(str(task))}. Bold with &#10003; = passes that "
+            "model's threshold at its operating point (hover a value for the threshold).</p>")
+
+
+def _keep_examples_cached(demo: gr.Blocks, component: gr.components.Component, names: set[str]) -> None:
+    """Exempt Gradio's cached copies of the example films from ``delete_cache``: Gradio 6 files them as
+    temporary files but does not record them as kept, so the cleaner removed them ten minutes after start and
+    every example click then failed."""
+    for temp_set in demo.temp_file_sets:
+        component.keep_in_cache.update(f for f in temp_set if Path(f).name in names)
 
 
 def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.Blocks:
@@ -245,78 +330,111 @@ def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.
     default_model = names[0] if names else None
     examples = default_examples() if examples is None else examples
     handlers = Handlers(zoo, examples)
+    op_help = "f1: balanced · youden: sensitivity + specificity · screening: sensitivity >= 0.9 (validation)"
 
     # Uploads are deleted as soon as they are decoded (UploadStore); generated overlays are deleted from
-    # Gradio's cache after 10 minutes (checked every 5).
-    with gr.Blocks(title="Chest X-ray model zoo", delete_cache=(300, 600)) as demo:
+    # Gradio's cache after 2 minutes (checked every minute); the example films' cached copies are kept.
+    with gr.Blocks(title="Chest X-ray model zoo", delete_cache=CACHE_CLEANING) as demo:
         # The decoded upload for this browser session; dropped with the session or after 30 minutes.
         image_state = gr.State(None, time_to_live=1800)
         gr.Markdown(
             f"# Chest X-ray model zoo\n**{INTENDED_USE}** Models trained by this project on small public data "
             "sets; see each model card for how well (or badly) it does."
         )
-        with gr.Row():
-            with gr.Column(scale=2):
-                upload = gr.File(label="Chest X-ray (PNG 8/16-bit, JPEG or DICOM)", file_types=UPLOAD_TYPES,
-                                 type="filepath")
-                preview = gr.Image(label="Image as read", interactive=False, height=320, type="numpy", format="png")
-                image_note = gr.Markdown()
-                if examples:
-                    gr.Examples(examples=[[p] for p in examples], inputs=[upload], label="Examples (NIH test images; the first have radiologist boxes)")
-                model = gr.Dropdown(names, value=default_model, label="Model", allow_custom_value=True)
-                model_summary = gr.Markdown()
-                op = gr.Dropdown(["f1", "youden", "screening"], value="f1", label="Operating point",
-                                 allow_custom_value=True,
-                              info="f1 = F1-optimal, youden = max sens+spec, screening = sensitivity >= 0.9 (tuned on validation)")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2, min_width=320):
+                upload = gr.File(label="Chest X-ray (PNG 8/16-bit, JPEG or DICOM): drop a file here or click",
+                                 file_types=UPLOAD_TYPES, type="filepath", height=110)
+                another = gr.UploadButton("Upload another film", file_types=UPLOAD_TYPES, size="sm",
+                                          variant="secondary")
+                with gr.Row():
+                    model = gr.Dropdown(names, value=default_model, label="Model", allow_custom_value=True,
+                                        min_width=160)
+                    op = gr.Dropdown(["f1", "youden", "screening"], value="f1", label="Operating point",
+                                     allow_custom_value=True, min_width=120, info=op_help)
                 predict_btn = gr.Button("Predict findings", variant="primary")
-            with gr.Column(scale=3):
+                model_summary = gr.Markdown()
+                preview = gr.Image(label="Image as read", interactive=False, height=300, type="numpy", format="png")
+                image_note = gr.Markdown()
+                gallery = None
+                if examples:
+                    gallery = gr.Gallery(
+                        value=[(p, Path(p).stem) for p in examples], label="Examples (NIH test films; the first six "
+                        "have radiologist boxes): click one", columns=4, height="auto", allow_preview=False,
+                        buttons=[], elem_id="examples", interactive=False)
+            with gr.Column(scale=3, min_width=320):
                 with gr.Tab("Findings"):
-                    findings = gr.HTML(label="Findings")
+                    findings = gr.HTML(FINDINGS_PLACEHOLDER, label="Findings")
                     with gr.Accordion("JSON", open=False):
                         findings_json = gr.JSON(label="predict result")
                 with gr.Tab("Heatmap"):
                     with gr.Row():
                         finding = gr.Dropdown([MOST_PROBABLE], value=MOST_PROBABLE, label="Finding",
-                                              allow_custom_value=True)
+                                              allow_custom_value=True, min_width=140)
                         method = gr.Dropdown([("default (chosen by the localisation study)", "default")]
-                                             + [(CAM_LABELS[k], k) for k in CAM_LABELS],
-                                             value="default", label="Heatmap method", allow_custom_value=True)
+                                             + [(CAM_LABELS[k], k) for k in CAM_LABELS
+                                                if k not in SLOW_CAM_METHODS or handlers.service.allow_slow_cam],
+                                             value="default", label="Heatmap method", allow_custom_value=True,
+                                             min_width=140)
                     with gr.Row():
-                        opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="Heatmap opacity")
-                        box_threshold = gr.Slider(0.0, 0.95, value=0.0, step=0.05,
+                        opacity = checked_slider(0, 1, value=0.5, step=0.05, label="Heatmap opacity", min_width=140)
+                        box_threshold = checked_slider(0.0, 0.95, value=0.0, step=0.05, min_width=140,
                                                   label="Box threshold (fraction of heatmap max; 0 = the model's tuned rule)")
                     gt_box = gr.Textbox(value="", label="Ground-truth box (optional): x, y, w, h in image pixels; ';' between boxes",
                                         placeholder="e.g. 120, 80, 60, 90 (leave empty to use the NIH box list)")
                     explain_btn = gr.Button("Show heatmap", variant="primary")
-                    # JPEG: Gradio encodes the 384 px overlay in under 1 ms (PNG: ~50 ms, WebP: ~17 ms on 2 cores);
-                    # it is a picture of where the model looked, not pixels to read a diagnosis from.
-                    overlay = gr.Image(label="Heatmap overlay", type="numpy", interactive=False, format="jpeg",
+                    # PNG at the film's own resolution (up to 1024 px a side): ~50 ms to encode on 2 cores.
+                    overlay = gr.Image(label="Heatmap overlay", type="numpy", interactive=False, format="png",
                                        elem_id="overlay")
-                    explain_note = gr.Markdown()
+                    explain_note = gr.Markdown(HEATMAP_PLACEHOLDER)
                     with gr.Accordion("JSON", open=False):
                         explain_json = gr.JSON(label="explain result")
-                with gr.Tab("Compare models"):
-                    compare_btn = gr.Button("Run every model on this image")
-                    compare_table = gr.HTML()
+                with gr.Tab("Compare"):
+                    compare_btn = gr.Button("Run every model of this task on this film")
+                    compare_table = gr.HTML(COMPARE_PLACEHOLDER)
                     compare_json = gr.JSON(visible=False)
                 with gr.Tab("Model card"):
                     card_md = gr.Markdown()
 
+        results = [findings, findings_json, overlay, explain_json, explain_note, compare_table, compare_json]
         model.change(handlers.model_info, [model], [model_summary, op, finding, card_md], api_visibility="private")
         demo.load(handlers.model_info, [model], [model_summary, op, finding, card_md], api_visibility="private")
-        upload.change(handlers.on_upload, [upload, model, image_state], [preview, finding, image_note, image_state],
-                      api_visibility="private")
+        # A new or cleared film clears every result, then (when there is a film) the analysis starts at once.
+        upload.change(handlers.on_upload, [upload, model, image_state],
+                      [preview, finding, image_note, image_state, *results], api_visibility="private").success(
+            lambda path, m, o, st: handlers.predict(path, m, o, st) if path else (None, FINDINGS_PLACEHOLDER),
+            [upload, model, op, image_state], [findings_json, findings], api_visibility="private",
+            concurrency_id="model", concurrency_limit=1)
+        # "Upload another film" replaces the film without clearing the box first. The file is handed on as is
+        # (it already lies in Gradio's upload folder), so decoding it deletes it like any upload.
+        another.upload(lambda path: path, another, upload, api_visibility="private")
+        if gallery is not None:
+            gallery.select(handlers.pick_example, None, upload, api_visibility="private")
+            _keep_examples_cached(demo, gallery, {Path(p).name for p in examples})
         gr.api(handlers.models_api, api_name="models")
         predict_btn.click(handlers.predict, [upload, model, op, image_state], [findings_json, findings], api_name="predict",
                           concurrency_id="model", concurrency_limit=1)
         explain_btn.click(handlers.explain, [upload, model, finding, method, gt_box, opacity, box_threshold, image_state],
                           [overlay, explain_json, explain_note], api_name="explain", concurrency_id="model",
                           concurrency_limit=1)
-        compare_btn.click(handlers.compare, [upload, op, image_state], [compare_table, compare_json], api_name="compare",
-                          concurrency_id="model", concurrency_limit=1)
+        compare_btn.click(handlers.compare, [upload, op, model, image_state], [compare_table, compare_json],
+                          api_name="compare", concurrency_id="model", concurrency_limit=1)
     return demo
+
+
+# One request per model at a time (CAM hooks live on the shared module) and a bounded queue: a burst beyond it
+# is told the server is busy instead of waiting without end.
+QUEUE_MAX_SIZE = 32
+# (every, older than) seconds: an overlay is a whole radiograph; it is fetched within seconds of being made.
+CACHE_CLEANING = (60, 120)
+
+
+def configure_queue(demo: gr.Blocks) -> gr.Blocks:
+    """The app's queue: one running request per concurrency group, at most :data:`QUEUE_MAX_SIZE` waiting."""
+    return demo.queue(default_concurrency_limit=1, max_size=QUEUE_MAX_SIZE)
 
 
 def launch_kwargs() -> dict[str, Any]:
     """Arguments for ``demo.launch``: upload limit, and file access to the example films only (not their folder)."""
-    return {"max_file_size": MAX_FILE_SIZE, "allowed_paths": sorted(str(Path(p).resolve()) for p in default_examples())}
+    return {"max_file_size": MAX_FILE_SIZE, "css": APP_CSS,
+            "allowed_paths": sorted(str(Path(p).resolve()) for p in default_examples())}

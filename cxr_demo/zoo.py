@@ -41,6 +41,18 @@ from cxr_demo.paths import DEFAULT_CHECKPOINTS
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LOADED = 3
+# The sha256 of every shipped model's weights (and OOD file), kept in the package, away from the cards: a card
+# and weights changed together in checkpoints/ no longer load in the app. training.report writes it.
+PINS_FILE = Path(__file__).resolve().parent / "pinned_weights.json"
+
+
+def read_pins(path: Path = PINS_FILE) -> dict[str, dict[str, str | None]] | None:
+    """``{model name: {"sha256": ..., "ood_sha256": ... or None}}`` of the shipped checkpoints (None, with a
+    warning, when the file is missing: then only the cards' own sha256 protect the weights)."""
+    if not path.is_file():
+        log.warning("no %s: weights are checked against their cards only", path.name)
+        return None
+    return json.loads(path.read_text())["models"]
 
 
 class UnknownModelError(KeyError):
@@ -48,6 +60,10 @@ class UnknownModelError(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its argument; we want the sentence as is
         return str(self.args[0])
+
+
+class ModelUnavailableError(UnknownModelError):
+    """A listed model could not be loaded (damaged or mismatched files); it has been withdrawn from the zoo."""
 
 
 HUB_MODELS_ENV = "CXR_DEMO_HUB_MODELS"
@@ -142,7 +158,15 @@ class Zoo:
         max_loaded: how many models stay in memory (least recently used is dropped).
     """
 
-    def __init__(self, source: ZooSource | None = None, max_loaded: int | None = None) -> None:
+    def __init__(self, source: ZooSource | None = None, max_loaded: int | None = None,
+                 pins: dict[str, dict[str, str | None]] | None = None) -> None:
+        """``pins`` (name -> pinned sha256s): only pinned models whose cards agree are served. The app's
+        default zoo (no ``source``, the project's ``checkpoints/``) uses :data:`PINS_FILE`."""
+        if pins is None and source is None:
+            default = source_from_env()
+            if not default.hub_models and default.local_dir.resolve() == DEFAULT_CHECKPOINTS.resolve():
+                pins = read_pins()
+        self.pins = pins
         self.source = source or source_from_env()
         self.max_loaded = max_loaded or int(os.environ.get("CXR_DEMO_MAX_LOADED_MODELS", DEFAULT_MAX_LOADED))
         self._lock = threading.Lock()
@@ -188,6 +212,16 @@ class Zoo:
             log.error("skipping checkpoint %s: %s", name, msg)
             self.problems[name] = msg
             return False
+        if self.pins is not None:
+            pin = self.pins.get(card.name)
+            ood = card.ood.sha256 if card.ood else None
+            if pin is None or pin.get("sha256") != card.sha256 or pin.get("ood_sha256") != ood:
+                msg = ("not pinned in cxr_demo/pinned_weights.json (run python -m training.report)" if pin is None
+                       else "its card's sha256 differs from the one pinned in cxr_demo/pinned_weights.json; "
+                            "refusing a card and weights changed together")
+                log.error("skipping checkpoint %s: %s", name, msg)
+                self.problems[name] = msg
+                return False
         if card.name in self.cards:
             msg = f"two checkpoints are called {card.name!r}"
             log.error("skipping checkpoint %s: %s", name, msg)
@@ -235,7 +269,14 @@ class Zoo:
             if name in self._loaded:
                 self._loaded.move_to_end(name)
                 return self._loaded[name]
-        model = self._build(card)
+        try:
+            model = self._build(card)
+        except Exception as e:  # noqa: BLE001 - any broken checkpoint: withdraw it, say so once, keep serving
+            self.withdraw(name, f"{type(e).__name__}: {e}")
+            raise ModelUnavailableError(
+                f"The model {name!r} could not be loaded (its files are damaged or do not match its card) and has "
+                f"been withdrawn; choose one of: {', '.join(self.names) or '(none left)'}."
+            ) from None
         with self._lock:
             self._loaded[name] = model
             self._loaded.move_to_end(name)
@@ -251,6 +292,19 @@ class Zoo:
         # when the zoo was read).
         members = [load_weights(self.cards[m["name"]], self.weights_path(m["name"])) for m in card.model_args["members"]]
         return ProbabilityEnsemble(members, card.task_kind).eval()
+
+    def withdraw(self, name: str, reason: str) -> None:
+        """Hide a model that failed to load from the zoo (and ``/models``), with one log line; ensembles that
+        use it go too."""
+        with self._lock:
+            if self.cards.pop(name, None) is None:
+                return
+            self.problems[name] = reason
+            self._loaded.pop(name, None)
+        log.error("withdrew model %s: %s", name, reason)
+        for other, card in list(self.cards.items()):
+            if card.architecture == ENSEMBLE_ARCHITECTURE and any(m.get("name") == name for m in card.model_args.get("members", [])):
+                self.withdraw(other, f"member {name} was withdrawn")
 
     def _check_ensemble(self, card: ModelCard) -> None:
         """An ensemble card's members exist in this zoo, are the pinned weights, and read films as it does.

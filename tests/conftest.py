@@ -27,19 +27,25 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
-def live_app():
-    """The real app (committed checkpoints, default examples) served on 127.0.0.1; yields its URL."""
-    from cxr_demo.ui import build_demo, launch_kwargs
+def live_demo():
+    """The real app (committed checkpoints, shipped examples) served on 127.0.0.1; yields (Blocks, URL)."""
+    from cxr_demo.ui import build_demo, configure_queue, launch_kwargs
     from cxr_demo.zoo import DEFAULT_CHECKPOINTS, Zoo, ZooSource
 
     zoo = Zoo(ZooSource(DEFAULT_CHECKPOINTS))
     assert zoo.names, "no committed checkpoint under checkpoints/"
     demo = build_demo(zoo)
-    demo.queue(default_concurrency_limit=1)
+    configure_queue(demo)
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
                             **launch_kwargs())
-    yield url
+    yield demo, url
     demo.close()
+
+
+@pytest.fixture(scope="session")
+def live_app(live_demo):
+    """The live app's URL."""
+    return live_demo[1]
 
 
 @pytest.fixture(scope="module")

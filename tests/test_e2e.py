@@ -149,24 +149,42 @@ def test_bad_choices_are_refused(client, model_name, tmp_path, args, expected):
         client.predict(handle_file(str(good)), *args, api_name="/predict")
 
 
-@pytest.mark.parametrize("finding, method, box, expected", [
-    ("NotAFinding", "gradcam", "", "has no finding"),
-    ("Effusion", "magic-cam", "", "Unknown heatmap method"),
-    ("Effusion", "gradcam", "1, 2, 3", "x, y, w, h"),
+@pytest.mark.parametrize("finding, method, box, opacity, threshold, expected", [
+    ("NotAFinding", "gradcam", "", 0.5, 0.0, "has no finding"),
+    ("Effusion", "magic-cam", "", 0.5, 0.0, "Unknown heatmap method"),
+    ("Effusion", "gradcam", "1, 2, 3", 0.5, 0.0, "x, y, w, h"),
+    # The red team's empty errors and wrongly accepted input (#14): each answered with a sentence.
+    ("Effusion", 5, "", 0.5, 0.0, "heatmap method must be given as text"),
+    ("Effusion", ["gradcam"], "", 0.5, 0.0, "heatmap method must be given as text"),
+    ("Effusion", "gradcam", "[NaN, 0, 10, 10]", 0.5, 0.0, "not a finite number"),
+    ("Effusion", "gradcam", "[0, 0, NaN, 10]", 0.5, 0.0, "not a finite number"),
+    ("Effusion", "gradcam", "[0, 0, 1e-300, 1e-300]", 0.5, 0.0, "at least one pixel"),
+    ("Effusion", "gradcam", "[true, 0, 10, 10]", 0.5, 0.0, "four numbers"),
+    ("Effusion", "gradcam", "[" * 100_000 + "]" * 100_000, 0.5, 0.0, "Too much ground-truth text"),
+    ("Effusion", "gradcam", "[[[[1, 2, 3, 4]]]]", 0.5, 0.0, "Write each ground-truth box"),
+    ("Effusion", "gradcam", "; ".join(["1, 1, 5, 5"] * 100), 0.5, 0.0, "at most 20"),
+    ("Effusion", "gradcam", "", "abc", 0.0, "opacity must be a number"),
+    ("Effusion", "gradcam", "", None, 0.0, "opacity must be a number"),
+    ("Effusion", "gradcam", "", 0.5, "abc", "box threshold must be a number"),
 ])
-def test_bad_explain_arguments_are_refused(client, model_name, tmp_path, finding, method, box, expected):
+def test_bad_explain_arguments_are_refused(client, model_name, tmp_path, finding, method, box, opacity, threshold,
+                                           expected):
     good = tmp_path / "good.png"
     Image.fromarray((synthetic_xray(128) * 255).astype(np.uint8)).save(good)
     with pytest.raises(Exception, match=expected):
-        client.predict(handle_file(str(good)), model_name, finding, method, box, api_name="/explain")
+        client.predict(handle_file(str(good)), model_name, finding, method, box, opacity, threshold,
+                       api_name="/explain")
 
 
-def test_compare_runs_every_model(client, tmp_path):
+def test_compare_runs_every_model_of_the_chosen_models_task(client, tmp_path):
     good = tmp_path / "good.png"
     Image.fromarray((synthetic_xray(128) * 255).astype(np.uint8)).save(good)
-    html, doc = client.predict(handle_file(str(good)), "f1", api_name="/compare")
-    names = [m["name"] for m in client.predict(api_name="/models")]
-    assert list(doc["results"]) == names and "<table" in html
+    models = client.predict(api_name="/models")
+    html, doc = client.predict(handle_file(str(good)), "f1", api_name="/compare")  # the default model's task
+    assert list(doc["results"]) == [m["name"] for m in models if m["task"] == models[0]["task"]] and "<table" in html
+    paediatric = next(m for m in models if m["task"].startswith("kermany"))
+    _, doc = client.predict(handle_file(str(good)), "f1", paediatric["name"], api_name="/compare")
+    assert list(doc["results"]) == [m["name"] for m in models if m["task"] == paediatric["task"]]
 
 
 @needs_nih
@@ -279,3 +297,47 @@ def test_plain_http_api_as_curl_uses_it(live_app, model_name):
         assert_overlap_matches_the_boxes(box_doc)
         with pytest.raises(RuntimeError, match="Unknown model"):
             http_call(http, url, "predict", BOXED, "../../etc/passwd", "f1")
+
+
+def test_user_errors_log_one_line_each_without_traceback_or_file_name(client, model_name, tmp_path, caplog, capfd):
+    """The red team counted 59 tracebacks for ~30 bad inputs, each naming the uploaded file (#14)."""
+    import logging
+
+    secret = tmp_path / "patient-Jane-Doe-1960.png"
+    secret.write_bytes(b"not an image at all")
+    good = tmp_path / "good.png"
+    Image.fromarray((synthetic_xray(128) * 255).astype(np.uint8)).save(good)
+    calls = [((handle_file(str(secret)), model_name, "f1"), "/predict"),
+             ((handle_file(str(good)), "../../etc/passwd", "f1"), "/predict"),
+             ((handle_file(str(good)), model_name, "Effusion", "gradcam", "[NaN,0,10,10]", 0.5, 0.0), "/explain"),
+             ((handle_file(str(good)), model_name, "Effusion", "gradcam", "", "abc", 0.0), "/explain")]
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="cxr_demo.ui"):
+        for args, api in calls:
+            with pytest.raises(Exception):
+                client.predict(*args, api_name=api)
+    lines = [r.getMessage() for r in caplog.records if r.name == "cxr_demo.ui" and "user error" in r.getMessage()]
+    assert len(lines) == len(calls)
+    out, err = capfd.readouterr()
+    logged = out + err + "\n".join(r.getMessage() for r in caplog.records)
+    assert "Traceback" not in logged and "Jane-Doe" not in logged
+
+
+@pytest.mark.parametrize("method", ["scorecam", "ablationcam"])
+def test_slow_heatmap_methods_are_off_the_public_api(client, model_name, tmp_path, method):
+    """Score-CAM took 273 s and Ablation-CAM 261 s on Lite0 and blocked every other request (#14)."""
+    import time
+
+    good = tmp_path / "good.png"
+    Image.fromarray((synthetic_xray(128) * 255).astype(np.uint8)).save(good)
+    t0 = time.perf_counter()
+    with pytest.raises(Exception, match="switched off here"):
+        client.predict(handle_file(str(good)), model_name, "", method, "", 0.5, 0.0, api_name="/explain")
+    assert time.perf_counter() - t0 < 10
+
+
+def test_the_queue_is_bounded(live_demo):
+    from cxr_demo.ui import QUEUE_MAX_SIZE
+
+    demo, _ = live_demo
+    assert demo._queue.max_size == QUEUE_MAX_SIZE

@@ -40,7 +40,8 @@ def test_examples_and_their_boxes_work_without_the_shared_data(monkeypatch, tmp_
     assert films and Path(films[0]).name == "00013118_008.png"  # boxed films first
     boxes = nih_boxes_for(Path(films[0]).name, 384, 384)
     assert [f for f, _ in boxes] == ["Atelectasis"]
-    official = next(r for r in csv.reader(open(EXAMPLES_DIR / NIH_BOX_FILE)) if r[0] == "00013118_008.png")
+    with open(EXAMPLES_DIR / NIH_BOX_FILE, newline="") as f:
+        official = next(r for r in csv.reader(f) if r[0] == "00013118_008.png")
     assert boxes[0][1] == pytest.approx(tuple(float(v) * 384 / 1024 for v in official[2:6]))
 
 
@@ -50,3 +51,10 @@ def test_the_server_may_read_the_example_files_only():
     allowed = launch_kwargs()["allowed_paths"]
     assert sorted(allowed) == sorted(str(Path(p).resolve()) for p in default_examples())
     assert all(Path(p).is_file() for p in allowed)
+
+
+@pytest.mark.parametrize("name", ["00013118_008.png", "00013118_008.jpg", "00013118_008.dcm", "00013118_008.JPEG"])
+def test_radiologist_boxes_are_found_whatever_the_extension(name):
+    from cxr_demo.groundtruth import boxed_findings
+
+    assert boxed_findings(name) == ["Atelectasis"] and len(nih_boxes_for(name, 384, 384)) == 1

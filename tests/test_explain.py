@@ -105,7 +105,14 @@ def test_overlay_draws_boxes_in_their_colours():
     assert tuple(out[30, 15]) == (255, 214, 0)  # top edge of the model's box
     assert tuple(out[40, 150]) == (0, 230, 118)  # top edge of the radiologist's box
     assert tuple(out[128, 128]) == (100, 100, 100)  # untouched elsewhere
-    assert tuple(out[250, 100]) == (0, 0, 0)  # legend panel, bottom-left
+    assert tuple(out[250, 100]) == (100, 100, 100)  # no legend panel over the film (the legend is outside it)
+
+
+def test_colour_bar_matches_the_overlay_colours():
+    from cxr_demo.overlay import colour_bar_css
+
+    css = colour_bar_css()
+    assert css.startswith("linear-gradient(to right, rgb(0, 0, 128) 0%") and css.endswith("rgb(128, 0, 0) 100%)")
 
 
 FAMILIES = {

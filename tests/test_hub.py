@@ -15,7 +15,15 @@ from safetensors.torch import load_file, save_file
 
 from cxr_demo.card import CardError, read_card, write_card
 from cxr_demo.models import WeightsError, load_weights
-from cxr_demo.zoo import DEFAULT_CHECKPOINTS, HubModel, Zoo, ZooSource, read_hub_models, source_from_env
+from cxr_demo.zoo import (
+    DEFAULT_CHECKPOINTS,
+    HubModel,
+    ModelUnavailableError,
+    Zoo,
+    ZooSource,
+    read_hub_models,
+    source_from_env,
+)
 from tests.helpers import make_checkpoint
 
 C1 = "1" * 40
@@ -68,8 +76,9 @@ def test_tampered_hub_weights_are_refused(tmp_path):
     _scaled_weights(folder, 2.0)
     publish_to_cache("org/alpha", C1, folder)
     zoo = Zoo(ZooSource(tmp_path, (HubModel("org/alpha", C1),)))
-    with pytest.raises(WeightsError, match="sha256"):
+    with pytest.raises(ModelUnavailableError, match="could not be loaded"):
         zoo.model("alpha")
+    assert "sha256" in zoo.problems["alpha"] and zoo.names == []
 
 
 def test_a_missing_repo_or_a_misnamed_one_is_skipped_with_a_reason(tmp_path):

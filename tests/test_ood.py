@@ -78,3 +78,13 @@ def test_committed_detectors_match_their_measurements():
         measured = json.loads((DEFAULT_CHECKPOINTS.parent / card.ood.source_file).read_text())
         assert det.threshold == pytest.approx(card.ood.threshold) == pytest.approx(measured["threshold"])
         assert measured["weights_sha256"] == card.sha256
+
+
+def test_a_damaged_ood_file_costs_the_check_not_the_answer(tmp_path):
+    """A damaged ood.safetensors broke /predict for its model (#14): now the answer comes with a warning."""
+    from cxr_demo.service import OOD_UNAVAILABLE
+
+    folder, img = _with_detector(tmp_path, 1.0)
+    (folder / OOD_FILE).write_bytes(b"damaged")
+    doc = DemoService(Zoo(ZooSource(folder.parent))).predict(read_xray(img), "tiny", "f1").document
+    assert OOD_UNAVAILABLE in doc["warnings"] and len(doc["findings"]) == 14

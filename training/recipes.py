@@ -60,6 +60,14 @@ RECIPES: dict[str, list[str]] = {
     "covid3-efficientnet-lite0": ["--task", "covid3", *SMALL_TASK],
     "nih14-efficientnet-lite1": [*NIH, "--arch", "tf_efficientnet_lite1", "--init", "imagenet", "--epochs", "8"],
     "nih14-efficientnet-lite2": [*NIH, "--arch", "tf_efficientnet_lite2", "--init", "imagenet", "--epochs", "8"],
+    # The lite0-224 ablation's choice on validation (docs/ABLATION.md): frozen stem BatchNorm statistics.
+    "nih14-efficientnet-lite0-stembn": [*NIH, "--arch", "tf_efficientnet_lite0", "--init", "imagenet", "--epochs", "14",
+                                        "--freeze-stem-bn"],
+}
+# Built last from the checkpoints above (no training): members chosen on validation by greedy selection.
+ENSEMBLES: dict[str, list[str]] = {
+    "nih14-ensemble": ["nih14-efficientnet-lite0", "nih14-efficientnet-lite1", "nih14-efficientnet-lite2",
+                       "nih14-efficientnet-lite0-stembn"],
 }
 
 
@@ -95,6 +103,13 @@ def main(argv: list[str] | None = None) -> dict:
                                  "date": time.strftime("%Y-%m-%d")}
         args.timings.parent.mkdir(parents=True, exist_ok=True)
         args.timings.write_text(json.dumps(timings, indent=2) + "\n")
+    if not args.only:
+        from training.ensemble import main as ensemble_main
+
+        for name, candidates in ENSEMBLES.items():
+            cmd = ["--name", name, "--candidates", *candidates, "--checkpoints", str(args.out), "--eval"]
+            log.info("python -m training.ensemble %s", shlex.join(cmd))
+            ensemble_main(cmd)
     log.info("zoo retrain done in %.0f s", time.time() - started)
     return timings
 

@@ -22,6 +22,7 @@ import numpy as np
 from cxr_demo.card import EVAL_FILE, ModelCard, checkpoint_folders, read_card, zoo_order
 from cxr_demo.paths import DEFAULT_CHECKPOINTS
 from cxr_demo.paths import PROJECT_ROOT as ROOT
+from cxr_demo.zoo import PINS_FILE
 from training.model_card import MODEL_CARD_FILE, model_card
 
 log = logging.getLogger(__name__)
@@ -260,7 +261,7 @@ def compute_tsne(folder: Path, out_dir: Path = TSNE_DIR, data_root: Path | None 
     from sklearn.manifold import TSNE
 
     from cxr_demo.inference import feature_array
-    from cxr_demo.zoo import load_checkpoint
+    from cxr_demo.zoo import PINS_FILE, load_checkpoint
     from training.data import cached_pixels
     from training.tasks import load_task
 
@@ -296,6 +297,14 @@ def compute_tsne(folder: Path, out_dir: Path = TSNE_DIR, data_root: Path | None 
     return meta
 
 
+def pins_json(checkpoints: Path = DEFAULT_CHECKPOINTS) -> str:
+    """The pinned sha256 of every committed checkpoint's weights and OOD file (cxr_demo/pinned_weights.json)."""
+    models = {card.name: {"sha256": card.sha256, "ood_sha256": card.ood.sha256 if card.ood else None}
+              for _, card, _ in _checkpoints(checkpoints)}
+    return json.dumps({"comment": "written by python -m training.report; the app serves only these weights",
+                       "models": models}, indent=2) + "\n"
+
+
 def render(readme: str, table: str) -> str:
     head, _, rest = readme.partition(START)
     _, _, tail = rest.partition(END)
@@ -319,8 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     new = render(text, zoo_table())
     doc = model_zoo_doc()
     cards = {folder / MODEL_CARD_FILE: model_card(folder) for folder, _, _ in _checkpoints(DEFAULT_CHECKPOINTS)}
+    pins = pins_json()
     if args.check:
         pages = [(path, text, new), (ZOO_DOC, ZOO_DOC.read_text() if ZOO_DOC.is_file() else "", doc),
+                 (PINS_FILE, PINS_FILE.read_text() if PINS_FILE.is_file() else "", pins),
                  *[(p, p.read_text() if p.is_file() else "", fresh) for p, fresh in cards.items()]]
         stale = [str(p.relative_to(ROOT)) for p, old, fresh in pages if old != fresh]
         for card in (c for _, c, _ in _checkpoints(DEFAULT_CHECKPOINTS)):
@@ -332,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     path.write_text(new)
+    PINS_FILE.write_text(pins)
     for p, fresh in cards.items():
         p.write_text(fresh)
     ZOO_DOC.parent.mkdir(parents=True, exist_ok=True)

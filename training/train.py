@@ -38,6 +38,7 @@ from cxr_demo import INTENDED_USE
 from cxr_demo.cam import default_cam_layer
 from cxr_demo.card import WEIGHTS_FILE, ModelCard, read_card, write_card
 from cxr_demo.inference import normalise, predict_array, unit_batch
+from cxr_demo.labels import display_name
 from cxr_demo.models import load_weights, sha256_file
 from training.data import UNCERTAIN_POLICIES, add_data_root_argument, cached_pixels, patient_split
 from training.evaluate import evaluate_checkpoint
@@ -181,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate on the task's test images after training")
     return p
+
+
+def positives_text(counts: dict[str, int]) -> str:
+    """``{"Pleural_Thickening": 11, ...}`` as people read it: ``Pleural thickening 11, ...``."""
+    return ", ".join(f"{display_name(k)} {v}" for k, v in counts.items())
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -381,7 +387,7 @@ def main(argv: list[str] | None = None) -> Path:
             *(["Random initialisation: no pretrained weights for this architecture can be downloaded here, and "
                "a network of this size learns little from so few images."] if args.init == "random" else []),
             "Thresholds were tuned on a small patient-disjoint validation set "
-            f"({len(val)} images; positives per finding: {n_val_pos}); findings with few validation positives "
+            f"({len(val)} images; positives per finding: {positives_text(n_val_pos)}); findings with few validation positives "
             "have unreliable thresholds.",
             *(["NIH labels were mined from reports by NLP and are noisy; the model inherits their errors."]
               if args.task == "nih14" else []),

@@ -1,0 +1,64 @@
+"""Nothing of a patient left behind (#14): the app's private temporary folder is emptied at start, and on
+SIGTERM the server stops and deletes what it created. Runs ``python app.py`` as a Space or container would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tests.helpers import synthetic_xray
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_temp_files_are_cleaned_at_start_and_on_sigterm(tmp_path):
+    from gradio_client import Client, handle_file
+
+    private = Path(tempfile.gettempdir()) / f"cxr-demo-gradio-{os.getuid()}"
+    private.mkdir(exist_ok=True)
+    stale = private / "left-by-a-crash" / "patient.png"
+    stale.parent.mkdir(exist_ok=True)
+    stale.write_bytes(b"old film")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "GRADIO_TEMP_DIR"}
+    env.update(GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False")
+    server = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        client = None
+        for _ in range(120):
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(1)
+        assert client is not None, "the app did not start"
+        assert not stale.exists(), "a file from an earlier run survived the start"
+        film = tmp_path / "film.png"
+        Image.fromarray((synthetic_xray(128) * 255).astype(np.uint8)).save(film)
+        name = client.predict(api_name="/models")[0]["name"]
+        client.predict(handle_file(str(film)), name, "", "gradcam", "", 0.5, 0.0, api_name="/explain")
+        made = [p for p in private.rglob("*") if p.is_file() and p.name.endswith((".png", ".jpeg", ".webp"))
+                and p.parent.parent == private and "examples" not in str(p)]
+        assert made, "the overlay should exist until it is cleaned"
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+        assert not private.exists() or not [p for p in private.rglob("*") if p.is_file()]
+    finally:
+        if server.poll() is None:
+            server.kill()

@@ -1,0 +1,95 @@
+"""What a visitor meets, without a browser: examples that outlive the cache cleaner, no stale results next to
+a new film, a compare view of one task with its operating points, readable names, a capped overlay."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxr_demo.groundtruth import default_examples
+from cxr_demo.ui import (
+    COMPARE_PLACEHOLDER,
+    FINDINGS_PLACEHOLDER,
+    HEATMAP_PLACEHOLDER,
+    Handlers,
+    build_demo,
+    card_markdown,
+    compare_html,
+    findings_html,
+)
+from cxr_demo.zoo import DEFAULT_CHECKPOINTS, Zoo, ZooSource
+from tests.helpers import make_checkpoint, synthetic_xray
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    return Zoo(ZooSource(DEFAULT_CHECKPOINTS))
+
+
+def _png(path: Path, size: int = 128, seed: int = 0) -> str:
+    Image.fromarray((synthetic_xray(size, seed) * 255).astype(np.uint8)).save(path)
+    return str(path)
+
+
+def test_example_films_outlive_the_cache_cleaner(zoo):
+    """Gradio's delete_cache removed the cached example copies ten minutes after start; drive the cleaner
+    with age 0 (everything is old enough) instead of waiting."""
+    from gradio.route_utils import delete_files_created_by_app
+
+    demo = build_demo(zoo)
+    gallery = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "examples")
+    cached = [item["image"]["path"] for item in gallery.value]
+    assert len(cached) == len(default_examples()) and all(Path(p).is_file() for p in cached)
+    delete_files_created_by_app(demo, 0)
+    assert all(Path(p).is_file() for p in cached), "the cleaner deleted the example films"
+
+
+def test_a_new_or_cleared_film_clears_every_result_view(zoo, tmp_path):
+    handlers = Handlers(zoo, default_examples())
+    out = handlers.on_upload(_png(tmp_path / "a.png"), zoo.names[0], None)
+    assert out[3] is not None
+    assert out[4:] == (FINDINGS_PLACEHOLDER, None, None, None, HEATMAP_PLACEHOLDER, COMPARE_PLACEHOLDER, None)
+    cleared = handlers.on_upload(None, zoo.names[0], out[3])
+    assert cleared[0] is None and cleared[3] is None and cleared[4:] == out[4:]
+
+
+def test_compare_shows_one_task_with_operating_points_and_flags(zoo, tmp_path):
+    handlers = Handlers(zoo, [])
+    path = _png(tmp_path / "b.png")
+    kermany = next(n for n in zoo.names if zoo.cards[n].task.startswith("kermany"))
+    html, doc = handlers.compare(path, "f1", zoo.names[0], None)
+    assert doc["task"] == "nih14" and all(zoo.cards[n].task == "nih14" for n in doc["results"])
+    assert "operating point" in html and "overflow-x:auto" in html and "Pleural thickening" in html
+    assert "Pleural_Thickening" not in html
+    _, doc = handlers.compare(path, "f1", kermany, None)
+    assert {zoo.cards[n].task for n in doc["results"]} == {zoo.cards[kermany].task}
+    assert all(d["operating_point"] == "argmax" for d in doc["results"].values())
+
+
+def test_people_read_names_not_identifiers(zoo):
+    name = zoo.names[0]
+    text = card_markdown(zoo.cards[name], zoo.eval_file(name))
+    assert "Pleural thickening" in text and "Pleural_Thickening" not in text
+    assert "{'" not in text, "a raw Python dict in the model card"
+    doc = {"operating_point": "f1", "warnings": [],
+           "findings": [{"name": "Pleural_Thickening", "probability": 0.4, "threshold": 0.3, "positive": True}]}
+    html = findings_html(doc)
+    assert "Pleural thickening" in html and "<th>probability</th>" in html and "<th>p</th>" not in html
+    assert "Bold" in compare_html({"m": doc}, None)
+
+
+def test_overlay_is_the_films_resolution_up_to_1024(tmp_path):
+    from cxr_demo.images import read_xray
+    from cxr_demo.service import DemoService
+
+    folder = make_checkpoint(tmp_path / "ck", name="tiny")
+    service = DemoService(Zoo(ZooSource(folder.parent)))
+    big = tmp_path / "big.png"
+    Image.fromarray((np.tile(synthetic_xray(200), (8, 10)) * 255).astype(np.uint8)).save(big)  # 2000 x 1600
+    overlay, _ = service.explain(read_xray(big), "tiny", None, "gradcam")
+    assert overlay.shape == (819, 1024, 3)
+    small, _ = service.explain(read_xray(_png(tmp_path / "s.png", 300)), "tiny", None, "gradcam")
+    assert small.shape == (300, 300, 3)
