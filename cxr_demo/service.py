@@ -6,6 +6,7 @@ Uploads are decoded by ``cxr_demo.uploads``; the Gradio layer (``cxr_demo.ui``) 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -30,6 +31,8 @@ LOW_PROBABILITY = 0.2
 OOD_WARNING = ("This image looks unlike the chest X-rays this model was trained on (out-of-distribution check); "
                "its findings may be meaningless.")
 
+NOT_RELIABLE = ("not reliable for this model: its test AUROC's 95% CI includes 0.5 (no better than chance), "
+                "so it is never flagged")
 OOD_UNAVAILABLE = ("This model's is-this-a-chest-X-ray check could not be loaded, so this film was not checked "
                    "against the model's training images.")
 
@@ -59,6 +62,7 @@ class DemoService:
     def __init__(self, zoo: Zoo, allow_slow_cam: bool | None = None) -> None:
         self.zoo = zoo
         self._model_lock = threading.RLock()
+        self._test_results: dict[str, dict[str, dict]] = {}
         if allow_slow_cam is None:
             allow_slow_cam = os.environ.get("CXR_DEMO_SLOW_CAM", "") == "1"
         self.allow_slow_cam = allow_slow_cam
@@ -78,6 +82,37 @@ class DemoService:
                 f"Unknown operating point {str(op)[:40]!r} for {card.name}; choose one of: {', '.join(ops)}."
             )
         return op
+
+    def test_results(self, card: ModelCard) -> dict[str, dict]:
+        """Per finding, the model's test AUROC, its patient-level 95% CI and positives, from its ``eval.json``
+        (empty when the model has none)."""
+        if card.name not in self._test_results:
+            per: dict[str, dict] = {}
+            try:
+                path = self.zoo.eval_file(card.name)
+                if path.is_file():
+                    per = json.loads(path.read_text()).get("per_label", {}) or {}
+            except (OSError, ValueError) as e:
+                log.warning("evaluation of %s unreadable: %s", card.name, type(e).__name__)
+            self._test_results[card.name] = per
+        return self._test_results[card.name]
+
+    def _with_meaning(self, card: ModelCard, rows: list[dict]) -> list[dict]:
+        """Each row gains its test AUROC (CI, positives) and whether the finding is reliable for this model; a
+        multi-label finding whose CI includes 0.5 is not flagged (``passes_threshold`` keeps the comparison)."""
+        per = self.test_results(card)
+        for row in rows:
+            ev = per.get(row["name"], {})
+            ci = ev.get("auroc_ci95")
+            row["test_auroc"] = ev.get("auroc")
+            row["test_auroc_ci95"] = list(ci) if ci else None
+            row["test_positives"] = ev.get("positives")
+            row["reliable"] = None if not ci else bool(ci[0] > 0.5)
+            row["passes_threshold"] = row["positive"]
+            if card.task_kind == "multilabel" and row["reliable"] is False:
+                row["positive"] = False
+                row["note"] = NOT_RELIABLE
+        return rows
 
     def predict(self, xray: XRay, model_name: str, operating_point: str | None = None) -> Prediction:
         """Probabilities, thresholds and flags for every finding of ``model_name``'s card."""
@@ -101,7 +136,7 @@ class DemoService:
         doc = {
             "model": card.name,
             "operating_point": op,
-            "findings": findings_table(card, probs, op),
+            "findings": self._with_meaning(card, findings_table(card, probs, op)),
             "warnings": warnings,
         }
         return Prediction(doc, xray, card)

@@ -99,6 +99,9 @@ def findings_html(doc: dict[str, Any]) -> str:
             f"<div style='width:{100 * p:.1f}%;height:100%;background:{colour};border-radius:3px'></div>{tick}</div>"
         )
         flag = "<b style='color:#d9480f'>&#9888; POSITIVE</b>" if pos else "—"
+        if r.get("reliable") is False:
+            flag = ("<span style='color:#868e96' title='test AUROC 95% CI includes 0.5: no better than chance for "
+                    "this model, never flagged'>not reliable</span>")
         weight = "bold" if pos else "normal"
         lines.append(
             f"<tr class='{'flagged' if pos else 'not-flagged'}' style='border-bottom:1px solid #dee2e6'>"
@@ -112,6 +115,10 @@ def findings_html(doc: dict[str, Any]) -> str:
         f"<p>{n_pos} of {len(rows)} findings pass the <b>{html.escape(doc['operating_point'])}</b> thresholds. "
         f"<i>{html.escape(INTENDED_USE)}</i></p>"
     )
+    unreliable = [display_name(r["name"]) for r in rows if r.get("reliable") is False]
+    if unreliable:
+        lines.append(f"<p style='color:#868e96'>Not reliable for this model (test AUROC 95% CI includes 0.5), so never "
+                     f"flagged: {html.escape(', '.join(unreliable))}.</p>")
     for w in doc.get("warnings", []):
         lines.append(f"<p style='color:#d9480f'>&#9888; {html.escape(w)}</p>")
     return "\n".join(lines)

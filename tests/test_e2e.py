@@ -60,8 +60,15 @@ def test_predict_document(client, model_name):
     assert [f["name"] for f in doc["findings"]] == labels  # card order
     for f in doc["findings"]:
         assert 0 <= f["probability"] <= 1 and 0 <= f["threshold"] <= 1
-        assert f["positive"] == (f["probability"] >= f["threshold"])
+        assert f["passes_threshold"] == (f["probability"] >= f["threshold"])
+        lo, hi = f["test_auroc_ci95"]
+        assert lo <= f["test_auroc"] <= hi and f["reliable"] == (lo > 0.5)
+        assert f["positive"] == (f["passes_threshold"] and f["reliable"])  # a chance-level finding is never flagged
+        if not f["reliable"]:
+            assert "not reliable" in f["note"]
     assert "cxr-findings" in html
+    if any(not f["reliable"] for f in doc["findings"]):
+        assert "not reliable" in html
 
 
 @needs_nih
