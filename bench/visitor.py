@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
 import statistics
 import subprocess
@@ -29,10 +28,8 @@ from PIL import Image
 
 from cxr_demo.groundtruth import default_examples
 from cxr_demo.paths import PROJECT_ROOT as ROOT
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS  # the browser the tests drive
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
 ACTIONS = ["page usable", "upload -> findings", "example click -> findings", "Show heatmap -> overlay + IoU",
            "Compare -> table", "operating point + Predict -> table"]
 
@@ -114,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
             except OSError:
                 time.sleep(0.5)
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             for i in range(args.rounds):
                 film = work / f"visitor-film-{i}.png"
                 src = np.asarray(Image.open(default_examples()[0]))

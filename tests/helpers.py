@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -22,6 +23,11 @@ from cxr_demo.labels import NIH14_LABELS
 from cxr_demo.models import sha256_file
 
 NIH = nih_folder()
+
+# Debian's Chromium, driven by Playwright (no browser download), with the flags this closed network needs.
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 def make_checkpoint(root: Path, name: str = "tiny", arch: str = "test_efficientnet",

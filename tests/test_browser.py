@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import NIH, synthetic_xray
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS, NIH, synthetic_xray
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
@@ -25,11 +23,7 @@ def test_upload_predict_explain_in_chromium(live_app, tmp_path):
         Image.fromarray((synthetic_xray(256) * 255).astype(np.uint8)).save(image)
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"],
-        )
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
             # Not "networkidle": with a gr.State the page keeps a heartbeat stream open for the session.
@@ -85,11 +79,7 @@ def test_a_visitors_journey(live_demo, tmp_path, width, height):
     shot = lambda page, step: page.screenshot(path=str(ARTIFACTS / f"visitor-{width}-{step}.png"), full_page=True)  # noqa: E731
     no_page_overflow = "() => document.documentElement.scrollWidth <= window.innerWidth + 1"
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"],
-        )
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": width, "height": height})
             page.goto(url, wait_until="load")
