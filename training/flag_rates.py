@@ -1,0 +1,73 @@
+"""How many findings a multi-label model flags per image, against how many are truly present (validation).
+
+    python -m training.flag_rates checkpoints/nih14-ensemble
+
+Runs the checkpoint (an ensemble through its members) on its own patient-disjoint validation images (never a
+test image), applies each operating point's thresholds, and writes ``docs/flags/<model>.json``: mean flags
+per image, mean true findings per image and their ratio, with and without the findings that the app does not
+flag because their test AUROC CI includes 0.5 (``cxr_demo.service``), and on the validation films that have
+at least one finding. The same thresholds were tuned on these images, so the rates are optimistic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cxr_demo.card import read_card
+from cxr_demo.inference import predict_array
+from cxr_demo.paths import PROJECT_ROOT
+from cxr_demo.service import DemoService
+from cxr_demo.zoo import Zoo, ZooSource, load_checkpoint
+from training.data import cached_pixels
+from training.robustness import validation_records
+
+
+def flag_rates(folder: Path) -> dict:
+    folder = Path(folder)
+    card = read_card(folder)
+    if card.task_kind != "multilabel":
+        raise SystemExit(f"{card.name} is multi-class: it flags exactly one class per image")
+    val = validation_records(card)
+    y = np.stack([r.labels for r in val]).astype(float)
+    probs = predict_array(load_checkpoint(folder), cached_pixels(val, card.input_size, card.crop), card.mean,
+                          card.std, card.task_kind)
+    per = DemoService(Zoo(ZooSource(folder.parent))).test_results(card)
+    reliable = np.array([(per.get(lab, {}).get("auroc_ci95") or [1.0])[0] > 0.5 for lab in card.label_names])
+    sick = np.nansum(y, axis=1) > 0
+    out = {"model": card.name, "weights_sha256": card.sha256, "n_validation_images": len(val),
+           "n_with_a_finding": int(sick.sum()), "true_findings_per_image": float(np.nansum(y) / len(val)),
+           "true_findings_per_image_with_a_finding": float(np.nansum(y[sick]) / max(1, sick.sum())),
+           "not_flagged_as_unreliable": [lab for lab, ok in zip(card.label_names, reliable, strict=True) if not ok],
+           "operating_points": {}}
+    for op in card.operating_points:
+        thr = np.array([card.threshold(op, lab) for lab in card.label_names])
+        flags = probs >= thr
+        shown = flags & reliable
+        out["operating_points"][op] = {
+            "flags_per_image": float(flags.sum() / len(val)),
+            "flags_per_image_as_shown": float(shown.sum() / len(val)),
+            "ratio_to_true_as_shown": float(shown.sum() / max(1.0, np.nansum(y))),
+            "flags_per_image_with_a_finding_as_shown": float(shown[sick].sum() / max(1, sick.sum())),
+        }
+    out["command"] = f"python -m training.flag_rates {folder}"
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folders", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, default=PROJECT_ROOT / "docs" / "flags")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for folder in args.folders:
+        result = flag_rates(folder)
+        (args.out / f"{result['model']}.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
