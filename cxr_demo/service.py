@@ -97,11 +97,19 @@ class DemoService:
             self._test_results[card.name] = per
         return self._test_results[card.name]
 
-    def _with_meaning(self, card: ModelCard, rows: list[dict]) -> list[dict]:
-        """Each row gains its test AUROC (CI, positives) and whether the finding is reliable for this model; a
-        multi-label finding whose CI includes 0.5 is not flagged (``passes_threshold`` keeps the comparison)."""
+    def _with_meaning(self, card: ModelCard, rows: list[dict], op: str | None = None) -> list[dict]:
+        """Each row gains what its flag means at ``op`` on validation (sensitivity, specificity, PPV at the
+        validation prevalence; None when the card has no ``training.flag_meaning``), its test AUROC (CI,
+        positives) and whether the finding is reliable for this model; a multi-label finding whose CI includes
+        0.5 is not flagged (``passes_threshold`` keeps the comparison)."""
         per = self.test_results(card)
+        meaning = (card.training.get("flag_meaning") or {}).get("per_operating_point", {})
         for row in rows:
+            stats = meaning.get(op, {}).get(row["name"], {}) if op else {}
+            row["validation_sensitivity"] = stats.get("sensitivity")
+            row["validation_specificity"] = stats.get("specificity")
+            row["validation_ppv"] = stats.get("ppv")
+            row["validation_prevalence"] = stats.get("prevalence")
             ev = per.get(row["name"], {})
             ci = ev.get("auroc_ci95")
             row["test_auroc"] = ev.get("auroc")
@@ -136,7 +144,7 @@ class DemoService:
         doc = {
             "model": card.name,
             "operating_point": op,
-            "findings": self._with_meaning(card, findings_table(card, probs, op)),
+            "findings": self._with_meaning(card, findings_table(card, probs, op), op),
             "warnings": warnings,
         }
         return Prediction(doc, xray, card)

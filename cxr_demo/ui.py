@@ -99,6 +99,11 @@ def findings_html(doc: dict[str, Any]) -> str:
             f"<div style='width:{100 * p:.1f}%;height:100%;background:{colour};border-radius:3px'></div>{tick}</div>"
         )
         flag = "<b style='color:#d9480f'>&#9888; POSITIVE</b>" if pos else "—"
+        meaning = ", ".join(f"{k} {r[key]:.2f}" for k, key in (("sensitivity", "validation_sensitivity"),
+                                                               ("specificity", "validation_specificity"),
+                                                               ("PPV", "validation_ppv")) if r.get(key) is not None)
+        if meaning:
+            flag = f"<span title='this flag on validation images: {html.escape(meaning)}'>{flag}</span>"
         if r.get("reliable") is False:
             flag = ("<span style='color:#868e96' title='test AUROC 95% CI includes 0.5: no better than chance for "
                     "this model, never flagged'>not reliable</span>")
@@ -112,7 +117,8 @@ def findings_html(doc: dict[str, Any]) -> str:
     lines.append("</tbody></table></div>")
     n_pos = sum(r["positive"] for r in rows)
     lines.append(
-        f"<p>{n_pos} of {len(rows)} findings pass the <b>{html.escape(doc['operating_point'])}</b> thresholds. "
+        f"<p>{n_pos} of {len(rows)} findings pass the <b>{html.escape(doc['operating_point'])}</b> thresholds "
+        "(hover a flag for its validation sensitivity, specificity and PPV). "
         f"<i>{html.escape(INTENDED_USE)}</i></p>"
     )
     unreliable = [display_name(r["name"]) for r in rows if r.get("reliable") is False]

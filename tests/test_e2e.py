@@ -66,6 +66,9 @@ def test_predict_document(client, model_name):
         assert f["positive"] == (f["passes_threshold"] and f["reliable"])  # a chance-level finding is never flagged
         if not f["reliable"]:
             assert "not reliable" in f["note"]
+        # what the flag means on validation (training.flag_rates stored it in the card)
+        assert f["validation_specificity"] is not None and 0 <= f["validation_specificity"] <= 1
+        assert f["validation_sensitivity"] is None or 0 <= f["validation_sensitivity"] <= 1
     assert "cxr-findings" in html
     if any(not f["reliable"] for f in doc["findings"]):
         assert "not reliable" in html

@@ -1,4 +1,5 @@
-"""How many findings a multi-label model flags per image, against how many are truly present (validation).
+"""What a flag means, on validation: per finding and operating point its sensitivity, specificity and PPV, and
+how many findings a multi-label model flags per image against how many are truly present.
 
     python -m training.flag_rates checkpoints/nih14-ensemble
 
@@ -6,7 +7,9 @@ Runs the checkpoint (an ensemble through its members) on its own patient-disjoin
 test image), applies each operating point's thresholds, and writes ``docs/flags/<model>.json``: mean flags
 per image, mean true findings per image and their ratio, with and without the findings that the app does not
 flag because their test AUROC CI includes 0.5 (``cxr_demo.service``), and on the validation films that have
-at least one finding. The same thresholds were tuned on these images, so the rates are optimistic.
+at least one finding. The per-finding numbers also go into the card (``training.flag_meaning``), from where
+``/predict`` shows them beside each flag. The same thresholds were tuned on these images, so every rate here is
+optimistic.
 """
 
 from __future__ import annotations
@@ -53,8 +56,37 @@ def flag_rates(folder: Path) -> dict:
             "ratio_to_true_as_shown": float(shown.sum() / max(1.0, np.nansum(y))),
             "flags_per_image_with_a_finding_as_shown": float(shown[sick].sum() / max(1, sick.sum())),
         }
+    out["per_finding"] = {op: finding_stats(y, probs, card, op) for op in card.operating_points}
     out["command"] = f"python -m training.flag_rates {folder}"
     return out
+
+
+def finding_stats(y: np.ndarray, probs: np.ndarray, card, op: str) -> dict[str, dict]:
+    """Per finding at ``op``: validation sensitivity, specificity, prevalence and PPV at that prevalence
+    (None where a finding has no validation positive or no flag)."""
+    stats = {}
+    for j, lab in enumerate(card.label_names):
+        known = ~np.isnan(y[:, j])
+        t, flagged = y[known, j] > 0.5, probs[known, j] >= card.threshold(op, lab)
+        pos, neg = int(t.sum()), int((~t).sum())
+        stats[lab] = {
+            "sensitivity": float((flagged & t).sum() / pos) if pos else None,
+            "specificity": float((~flagged & ~t).sum() / neg) if neg else None,
+            "ppv": float((flagged & t).sum() / flagged.sum()) if flagged.sum() else None,
+            "prevalence": float(pos / max(1, pos + neg)), "positives": pos,
+        }
+    return stats
+
+
+def store_in_card(folder: Path, result: dict) -> None:
+    """Keep the per-finding validation meaning of each flag in the card (``training.flag_meaning``) for the
+    app's /predict rows."""
+    from cxr_demo.card import write_card
+
+    card = read_card(folder)
+    card.training["flag_meaning"] = {"source_file": f"docs/flags/{card.name}.json", "split": "validation",
+                                     "per_operating_point": result["per_finding"]}
+    write_card(card, folder)  # the timm fields' num_features is kept from the file
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     for folder in args.folders:
         result = flag_rates(folder)
         (args.out / f"{result['model']}.json").write_text(json.dumps(result, indent=1) + "\n")
-        print(json.dumps(result, indent=1))
+        store_in_card(folder, result)
+        print(json.dumps({k: v for k, v in result.items() if k != "per_finding"}, indent=1))
 
 
 if __name__ == "__main__":
