@@ -69,7 +69,8 @@ def shut_down(*_) -> None:
     logging.getLogger(__name__).info("shutting down: deleting the app's temporary files")
     demo.close()
     delete_files_created_by_app(demo, None)
-    shutil.rmtree(TEMP_DIR, ignore_errors=True) if TEMP_DIR.name.startswith("cxr-demo-gradio") else None
+    if TEMP_DIR.name.startswith("cxr-demo-gradio"):  # our private folder, never a GRADIO_TEMP_DIR given to us
+        shutil.rmtree(TEMP_DIR, ignore_errors=True)
     sys.exit(0)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,15 +28,9 @@ from cxr_demo.images import read_xray
 from cxr_demo.inference import preprocess
 from cxr_demo.paths import PROJECT_ROOT as ROOT
 from cxr_demo.zoo import Zoo
-from tests.helpers import http_call  # the README's plain-HTTP route, which the tests also run
+from tests.helpers import free_port, http_call  # the README's plain-HTTP route, which the tests also run
 
 DEFAULT_IMAGE = nih_folder() / "images" / "00013118_008.png"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -150,11 +143,11 @@ def _peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def start_app(port: int, noop: bool = False) -> tuple[subprocess.Popen, float, str]:
+def start_app(port: int, noop: bool = False, profiling: bool = True) -> tuple[subprocess.Popen, float, str]:
     """Start ``python app.py`` (or the no-op app) and wait until it answers; returns (process, seconds
-    to ready, url)."""
+    to ready, url). ``profiling`` turns on Gradio's per-phase profiler (GRADIO_PROFILING=1)."""
     env = dict(os.environ, GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1", CXR_DEMO_LOG_LEVEL="WARNING",
-               GRADIO_PROFILING="1")
+               **({"GRADIO_PROFILING": "1"} if profiling else {}))
     cmd = [sys.executable, "-m", "bench.serving", "--serve-noop", str(port)] if noop else [sys.executable, "app.py"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -179,7 +172,7 @@ def cold_start(image: Path, model: str) -> tuple[subprocess.Popen, str, dict[str
     from gradio_client import Client, handle_file
 
     t0 = time.perf_counter()
-    proc, ready_s, url = start_app(_free_port())
+    proc, ready_s, url = start_app(free_port())
     try:
         client = Client(url, verbose=False)
         client.predict(handle_file(str(image)), model, "f1", api_name="/predict")
@@ -242,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"image": str(image), "cpu_threads": torch.get_num_threads(), "models": {},
                      "max_loaded_models": zoo.max_loaded}
 
-    noop_proc, _, noop_url = start_app(_free_port(), noop=True)
+    noop_proc, _, noop_url = start_app(free_port(), noop=True)
     try:
         c = Client(noop_url, verbose=False)
         lat = latencies(lambda: c.predict(handle_file(str(image)), api_name="/noop"), args.requests, warm=3,

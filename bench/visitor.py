@@ -16,28 +16,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from bench.serving import start_app
 from cxr_demo.groundtruth import default_examples
-from cxr_demo.paths import PROJECT_ROOT as ROOT
-from tests.helpers import CHROMIUM, CHROMIUM_ARGS  # the browser the tests drive
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS, free_port  # the browser the tests drive
 
 ACTIONS = ["page usable", "upload -> findings", "example click -> findings", "Show heatmap -> overlay + IoU",
            "Compare -> table", "operating point + Predict -> table"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _timed(fn) -> float:
@@ -46,7 +37,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def one_round(browser, url: str, film: Path, seed: int) -> dict[str, float]:
+def one_round(browser, url: str, film: Path) -> dict[str, float]:
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     out: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -95,28 +86,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     work = Path(os.environ.get("TMPDIR", "/tmp")) / "cxr-visitor-bench"
     work.mkdir(exist_ok=True)
-    port = _free_port()
-    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"}
-    server = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/"
+    server, _, url = start_app(free_port(), profiling=False)
     rounds = []
     try:
-        import urllib.request
-
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(url, timeout=2).read(1)
-                break
-            except OSError:
-                time.sleep(0.5)
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             for i in range(args.rounds):
                 film = work / f"visitor-film-{i}.png"
                 src = np.asarray(Image.open(default_examples()[0]))
                 Image.fromarray(np.clip(src.astype(int) + i, 0, 255).astype(np.uint8)).save(film)  # a new file each round
-                rounds.append(one_round(browser, url, film, i))
+                rounds.append(one_round(browser, url, film))
                 print(f"round {i + 1}: " + ", ".join(f"{k} {v:.2f} s" for k, v in rounds[-1].items()), flush=True)
             browser.close()
     finally:

@@ -21,6 +21,10 @@ __all__ = ["ENSEMBLE_ARCHITECTURE", "ProbabilityEnsemble", "members_digest"]
 _EPS = 1e-6
 
 
+# What every member of an ensemble must share with it: the task, labels and how a film is read.
+MEMBER_SHARED_FIELDS = ("task", "task_kind", "label_names", "input_size", "mean", "std", "crop")
+
+
 def members_digest(members: list[dict]) -> str:
     """sha256 of the member pins (name and weights sha256, in order): an ensemble card's ``sha256``."""
     pins = [{"name": m["name"], "sha256": m["sha256"]} for m in members]

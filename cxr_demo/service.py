@@ -39,6 +39,11 @@ OOD_UNAVAILABLE = ("This model's is-this-a-chest-X-ray check could not be loaded
 USER_ERRORS: tuple[type[Exception], ...] = (ImageInputError, UnknownModelError, BoxInputError, ChoiceError)
 
 
+def is_reliable(auroc_ci95) -> bool | None:
+    """A finding is reliable for a model when its test AUROC's 95% CI lies above 0.5 (None: no evaluation)."""
+    return None if not auroc_ci95 else bool(auroc_ci95[0] > 0.5)
+
+
 def _rounded(box) -> list[float]:
     return [round(v, 1) for v in box]
 
@@ -115,7 +120,7 @@ class DemoService:
             row["test_auroc"] = ev.get("auroc")
             row["test_auroc_ci95"] = list(ci) if ci else None
             row["test_positives"] = ev.get("positives")
-            row["reliable"] = None if not ci else bool(ci[0] > 0.5)
+            row["reliable"] = is_reliable(ci)
             row["passes_threshold"] = row["positive"]
             if card.task_kind == "multilabel" and row["reliable"] is False:
                 row["positive"] = False

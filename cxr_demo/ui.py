@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 
 UPLOAD_TYPES = list(IMAGE_SUFFIXES)
 MAX_FILE_SIZE = "64mb"
+# One request per model at a time (CAM hooks live on the shared module) and a bounded queue: a burst beyond it
+# is told the server is busy instead of waiting without end.
+QUEUE_MAX_SIZE = 32
+# (every, older than) seconds: an overlay is a whole radiograph; it is fetched within seconds of being made.
+CACHE_CLEANING = (60, 120)
 MOST_PROBABLE = "(most probable)"
 # On a phone the bar column gives way, so the numbers, thresholds and flags stay in view.
 APP_CSS = """
@@ -222,6 +227,13 @@ class Handlers:
             update = gr.update(value=boxed[0])
         return (xray.to_uint8(), update, note, xray, *self.cleared_results())
 
+    def predict_new_film(self, path: str | None, model_name: str, operating_point: str, state: XRay | None = None):
+        """The findings of a film just uploaded; nothing to do when the film was cleared (``on_upload`` has
+        emptied the views already)."""
+        if not path:
+            return gr.update(), gr.update()
+        return self.predict(path, model_name, operating_point, state)
+
     def pick_example(self, evt: gr.SelectData) -> str:
         """The example film whose thumbnail was clicked, into the upload box (which starts the analysis)."""
         return self.examples[evt.index]
@@ -415,9 +427,8 @@ def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.
         # A new or cleared film clears every result, then (when there is a film) the analysis starts at once.
         upload.change(handlers.on_upload, [upload, model, image_state],
                       [preview, finding, image_note, image_state, *results], api_visibility="private").success(
-            lambda path, m, o, st: handlers.predict(path, m, o, st) if path else (None, FINDINGS_PLACEHOLDER),
-            [upload, model, op, image_state], [findings_json, findings], api_visibility="private",
-            concurrency_id="model", concurrency_limit=1)
+            handlers.predict_new_film, [upload, model, op, image_state], [findings_json, findings],
+            api_visibility="private", concurrency_id="model", concurrency_limit=1)
         # "Upload another film" replaces the film without clearing the box first. The file is handed on as is
         # (it already lies in Gradio's upload folder), so decoding it deletes it like any upload.
         another.upload(lambda path: path, another, upload, api_visibility="private")
@@ -433,13 +444,6 @@ def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.
         compare_btn.click(handlers.compare, [upload, op, model, image_state], [compare_table, compare_json],
                           api_name="compare", concurrency_id="model", concurrency_limit=1)
     return demo
-
-
-# One request per model at a time (CAM hooks live on the shared module) and a bounded queue: a burst beyond it
-# is told the server is busy instead of waiting without end.
-QUEUE_MAX_SIZE = 32
-# (every, older than) seconds: an overlay is a whole radiograph; it is fetched within seconds of being made.
-CACHE_CLEANING = (60, 120)
 
 
 def configure_queue(demo: gr.Blocks) -> gr.Blocks:

@@ -33,7 +33,7 @@ from cxr_demo.card import (
     read_card,
     zoo_order,
 )
-from cxr_demo.ensemble import ENSEMBLE_ARCHITECTURE, ProbabilityEnsemble, members_digest
+from cxr_demo.ensemble import ENSEMBLE_ARCHITECTURE, MEMBER_SHARED_FIELDS, ProbabilityEnsemble, members_digest
 from cxr_demo.models import WeightsError, load_weights, sha256_file
 from cxr_demo.ood import OODDetector
 from cxr_demo.paths import DEFAULT_CHECKPOINTS
@@ -162,12 +162,11 @@ class Zoo:
                  pins: dict[str, dict[str, str | None]] | None = None) -> None:
         """``pins`` (name -> pinned sha256s): only pinned models whose cards agree are served. The app's
         default zoo (no ``source``, the project's ``checkpoints/``) uses :data:`PINS_FILE`."""
-        if pins is None and source is None:
-            default = source_from_env()
-            if not default.hub_models and default.local_dir.resolve() == DEFAULT_CHECKPOINTS.resolve():
-                pins = read_pins()
-        self.pins = pins
         self.source = source or source_from_env()
+        if pins is None and source is None and not self.source.hub_models \
+                and self.source.local_dir.resolve() == DEFAULT_CHECKPOINTS.resolve():
+            pins = read_pins()
+        self.pins = pins
         self.max_loaded = max_loaded or int(os.environ.get("CXR_DEMO_MAX_LOADED_MODELS", DEFAULT_MAX_LOADED))
         self._lock = threading.Lock()
         self._loaded: OrderedDict[str, torch.nn.Module] = OrderedDict()
@@ -182,8 +181,7 @@ class Zoo:
                 try:
                     folder, commit = _hub_card_folder(hub_model)
                 except Exception as e:  # noqa: BLE001 - network, missing repo or revision: skip the model, say why
-                    log.error("skipping Hub model %s: %s", hub_model.spec(), e)
-                    self.problems[hub_model.name] = f"{hub_model.spec()}: {type(e).__name__}: {e}"
+                    self._skip(hub_model.name, f"{hub_model.spec()}: {type(e).__name__}: {e}")
                     continue
                 if self._add(folder, hub_model.name):
                     self.hub_commits[hub_model.name] = (hub_model.repo, commit)
@@ -194,39 +192,34 @@ class Zoo:
             try:
                 self._check_ensemble(self.cards[name])
             except CardError as e:
-                log.error("skipping checkpoint %s: %s", name, e)
-                self.problems[name] = str(e)
+                self._skip(name, str(e))
                 del self.cards[name], self.folders[name]
         log.info("zoo: %d models from %s", len(self.cards), self.source.describe())
+
+    def _skip(self, name: str, reason: str) -> bool:
+        """Leave a checkpoint out of the zoo with one log line; ``problems`` keeps the reason."""
+        log.error("skipping checkpoint %s: %s", name, reason)
+        self.problems[name] = reason
+        return False
 
     def _add(self, folder: Path, name: str) -> bool:
         """Read the card in ``folder``, which must be called ``name``; keep it or record why not."""
         try:
             card = read_card(folder)
         except CardError as e:
-            log.error("skipping checkpoint %s: %s", name, e)
-            self.problems[name] = str(e)
-            return False
+            return self._skip(name, str(e))
         if card.name != name:
-            msg = f"card name {card.name!r} differs from its folder or repo name {name!r}"
-            log.error("skipping checkpoint %s: %s", name, msg)
-            self.problems[name] = msg
-            return False
+            return self._skip(name, f"card name {card.name!r} differs from its folder or repo name {name!r}")
         if self.pins is not None:
             pin = self.pins.get(card.name)
             ood = card.ood.sha256 if card.ood else None
-            if pin is None or pin.get("sha256") != card.sha256 or pin.get("ood_sha256") != ood:
-                msg = ("not pinned in cxr_demo/pinned_weights.json (run python -m training.report)" if pin is None
-                       else "its card's sha256 differs from the one pinned in cxr_demo/pinned_weights.json; "
-                            "refusing a card and weights changed together")
-                log.error("skipping checkpoint %s: %s", name, msg)
-                self.problems[name] = msg
-                return False
+            if pin is None:
+                return self._skip(name, "not pinned in cxr_demo/pinned_weights.json (run python -m training.report)")
+            if pin.get("sha256") != card.sha256 or pin.get("ood_sha256") != ood:
+                return self._skip(name, "its card's sha256 differs from the one pinned in cxr_demo/pinned_weights.json; "
+                                        "refusing a card and weights changed together")
         if card.name in self.cards:
-            msg = f"two checkpoints are called {card.name!r}"
-            log.error("skipping checkpoint %s: %s", name, msg)
-            self.problems[name] = msg
-            return False
+            return self._skip(name, f"two checkpoints are called {card.name!r}")
         self.cards[card.name] = card
         self.folders[card.name] = folder
         return True
@@ -324,8 +317,7 @@ class Zoo:
                 raise CardError(f"ensemble {card.name!r}: member {m.get('name')!r} is not in the zoo")
             if other.sha256 != m.get("sha256"):
                 raise CardError(f"ensemble {card.name!r}: member {other.name!r} has other weights than the pinned ones")
-            same = ("task", "task_kind", "label_names", "input_size", "mean", "std", "crop")
-            diff = [f for f in same if getattr(other, f) != getattr(card, f)]
+            diff = [f for f in MEMBER_SHARED_FIELDS if getattr(other, f) != getattr(card, f)]
             if diff:
                 raise CardError(f"ensemble {card.name!r}: member {other.name!r} differs in {', '.join(diff)}")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,15 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tests.helpers import synthetic_xray
+from tests.helpers import free_port, synthetic_xray
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_temp_files_are_cleaned_at_start_and_on_sigterm(tmp_path):
@@ -34,7 +27,7 @@ def test_temp_files_are_cleaned_at_start_and_on_sigterm(tmp_path):
     stale = private / "left-by-a-crash" / "patient.png"
     stale.parent.mkdir(exist_ok=True)
     stale.write_bytes(b"old film")
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "GRADIO_TEMP_DIR"}
     env.update(GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False")
     server = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,

@@ -24,7 +24,7 @@ import numpy as np
 
 from cxr_demo import INTENDED_USE
 from cxr_demo.card import ModelCard, read_card, write_card
-from cxr_demo.ensemble import ENSEMBLE_ARCHITECTURE, members_digest
+from cxr_demo.ensemble import ENSEMBLE_ARCHITECTURE, MEMBER_SHARED_FIELDS, members_digest
 from cxr_demo.inference import predict_array
 from cxr_demo.zoo import load_checkpoint
 from training.data import cached_pixels
@@ -34,7 +34,6 @@ from training.robustness import validation_records
 
 log = logging.getLogger(__name__)
 
-SHARED = ("task", "task_kind", "label_names", "input_size", "mean", "std", "crop")
 # The validation split's parameters and their training.train defaults (older cards omit val_fraction).
 SPLIT = {"val_fraction": 0.15, "seed": 0, "n_val": None}
 
@@ -47,7 +46,7 @@ def validation_predictions(folders: list[Path]) -> tuple[np.ndarray, dict[str, n
     """
     cards = [read_card(f) for f in folders]
     for c in cards[1:]:
-        diff = [k for k in SHARED if getattr(c, k) != getattr(cards[0], k)]
+        diff = [k for k in MEMBER_SHARED_FIELDS if getattr(c, k) != getattr(cards[0], k)]
         diff += [k for k, d in SPLIT.items() if c.training.get(k, d) != cards[0].training.get(k, d)]
         if diff:
             raise ValueError(f"{c.name} differs from {cards[0].name} in {', '.join(diff)}")

@@ -21,12 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from cxr_demo.card import read_card
-from cxr_demo.inference import predict_array
 from cxr_demo.paths import PROJECT_ROOT
-from cxr_demo.service import DemoService
-from cxr_demo.zoo import Zoo, ZooSource, load_checkpoint
-from training.data import cached_pixels
-from training.robustness import validation_records
+from cxr_demo.service import DemoService, is_reliable
+from cxr_demo.zoo import Zoo, ZooSource
+from training.ensemble import validation_predictions
 
 
 def flag_rates(folder: Path) -> dict:
@@ -34,15 +32,13 @@ def flag_rates(folder: Path) -> dict:
     card = read_card(folder)
     if card.task_kind != "multilabel":
         raise SystemExit(f"{card.name} is multi-class: it flags exactly one class per image")
-    val = validation_records(card)
-    y = np.stack([r.labels for r in val]).astype(float)
-    probs = predict_array(load_checkpoint(folder), cached_pixels(val, card.input_size, card.crop), card.mean,
-                          card.std, card.task_kind)
+    y, probs = validation_predictions([folder])
+    y, probs = y.astype(float), probs[card.name]
     per = DemoService(Zoo(ZooSource(folder.parent))).test_results(card)
-    reliable = np.array([(per.get(lab, {}).get("auroc_ci95") or [1.0])[0] > 0.5 for lab in card.label_names])
+    reliable = np.array([is_reliable(per.get(lab, {}).get("auroc_ci95")) is not False for lab in card.label_names])
     sick = np.nansum(y, axis=1) > 0
-    out = {"model": card.name, "weights_sha256": card.sha256, "n_validation_images": len(val),
-           "n_with_a_finding": int(sick.sum()), "true_findings_per_image": float(np.nansum(y) / len(val)),
+    out = {"model": card.name, "weights_sha256": card.sha256, "n_validation_images": len(y),
+           "n_with_a_finding": int(sick.sum()), "true_findings_per_image": float(np.nansum(y) / len(y)),
            "true_findings_per_image_with_a_finding": float(np.nansum(y[sick]) / max(1, sick.sum())),
            "not_flagged_as_unreliable": [lab for lab, ok in zip(card.label_names, reliable, strict=True) if not ok],
            "operating_points": {}}
@@ -51,8 +47,8 @@ def flag_rates(folder: Path) -> dict:
         flags = probs >= thr
         shown = flags & reliable
         out["operating_points"][op] = {
-            "flags_per_image": float(flags.sum() / len(val)),
-            "flags_per_image_as_shown": float(shown.sum() / len(val)),
+            "flags_per_image": float(flags.sum() / len(y)),
+            "flags_per_image_as_shown": float(shown.sum() / len(y)),
             "ratio_to_true_as_shown": float(shown.sum() / max(1.0, np.nansum(y))),
             "flags_per_image_with_a_finding_as_shown": float(shown[sick].sum() / max(1, sick.sum())),
         }

@@ -45,14 +45,14 @@ official 1024 x 1024 frame (the app scales them to the image); `labels.csv` thei
 
 
 def pick(images: Path, boxes: dict, test: list[str]) -> tuple[list[str], list[str]]:
+    def boxes_of(name: str, finding: str) -> bool:
+        return any(f == finding for f, _ in boxes.get(name, []))
+
     boxed = [FIRST] if FIRST in boxes and (images / FIRST).is_file() else []
     for finding in FINDINGS:
-        if any(f == finding for f, _ in boxes.get(boxed[0], [])) if boxed else False:
+        if any(boxes_of(name, finding) for name in boxed):
             continue
-        for name in sorted(boxes):
-            if name not in boxed and (images / name).is_file() and any(f == finding for f, _ in boxes[name]):
-                boxed.append(name)
-                break
+        boxed += [n for n in sorted(boxes) if n not in boxed and (images / n).is_file() and boxes_of(n, finding)][:1]
     unboxed = [n for n in sorted(test) if n not in boxes and (images / n).is_file()][:N_UNBOXED]
     return boxed[: 8 - len(unboxed)], unboxed
 
