@@ -40,7 +40,21 @@ OPERATING_POINT_HELP: dict[str, str] = {
 ALLOWED_MODEL_ARGS = frozenset({"in_chans", "img_size", "drop_rate", "drop_path_rate", "growth_rate", "block_config",
                                 "embed_dim", "depths", "num_heads", "members"})
 
+# A shape of cxr_demo.lungs.thorax_region: "lungs" or "hull", optionally "+<dilation fraction>".
+PRIOR_PATTERN = r"^(lungs|hull)(\+0\.[0-9]{1,3})?$"
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+
+
+def plain_name(v: str) -> str:
+    """A model name as the cards and the UI accept it: never a path.
+
+    Raises:
+        ValueError: anything but lower-case letters, digits, '_', '-' or '.', at most 64 characters.
+    """
+    if not NAME_PATTERN.match(v):
+        raise ValueError(f"model name {v!r} must be lower-case letters, digits, '_', '-' or '.', at most 64 "
+                         "characters, and never a path")
+    return v
 
 
 class CardError(ValueError):
@@ -109,6 +123,8 @@ class ExplainDefaults(BaseModel):
     method: str
     layer: str
     box_rule: dict[str, Any] = Field(description="fields of cxr_demo.boxes.BoxRule")
+    prior: str | None = Field(default=None, pattern=PRIOR_PATTERN,
+                              description="anatomical prior shape (cxr_demo.lungs.PRIOR_SHAPES); None: no prior")
     source_file: str = Field(description="study result the choice comes from, relative to the project root")
 
 
@@ -158,15 +174,7 @@ class ModelCard(BaseModel):
     license: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
-    @field_validator("name")
-    @classmethod
-    def _plain_name(cls, v: str) -> str:
-        if not NAME_PATTERN.match(v):
-            raise ValueError(
-                f"model name {v!r} must be lower-case letters, digits, '_', '-' or '.', at most 64 "
-                "characters, and never a path"
-            )
-        return v
+    _plain_name = field_validator("name")(classmethod(lambda cls, v: plain_name(v)))
 
     @field_validator("model_args")
     @classmethod

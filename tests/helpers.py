@@ -62,6 +62,48 @@ def make_checkpoint(root: Path, name: str = "tiny", arch: str = "test_efficientn
     return folder
 
 
+def make_lung_checkpoint(root: Path, name: str = "lungs-tiny", seed: int = 0, input_size: int = 64) -> Path:
+    """Write a random-weight lung-field model (U-Net on timm's test_efficientnet) with a valid card."""
+    from cxr_demo.lungs import LungCard, create_unet, write_lung_card
+
+    torch.manual_seed(seed)
+    decoder = [16, 8, 8, 8, 8]
+    model = create_unet("tu-test_efficientnet", decoder)
+    folder = Path(root) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
+    card = LungCard(name=name, version="0.0.1", description="test", summary="test", encoder="tu-test_efficientnet",
+                    decoder_channels=decoder, input_size=input_size, mean=0.5, std=0.25, data_source="none",
+                    init="random", intended_use="tests", license="CC0-1.0", sha256=sha256_file(folder / WEIGHTS_FILE))
+    write_lung_card(card, folder)
+    return folder
+
+
+class FixedLungs:
+    """A stand-in lung model whose mask is given (a (S, S) boolean array): the prior on known masks."""
+
+    def __init__(self, mask: np.ndarray) -> None:
+        from cxr_demo.lungs import LungCard
+
+        self.mask = mask
+        self.card = LungCard(name="fixed", version="0", description="t", summary="t", encoder="tu-test_efficientnet",
+                             decoder_channels=[16, 8, 8, 8, 8], input_size=mask.shape[0], mean=0.5, std=0.25,
+                             data_source="none", init="none", intended_use="tests", license="CC0-1.0", sha256="0" * 64)
+
+    def segment(self, pixels, views: bool = False):
+        from cxr_demo.lungs import LungResult
+
+        return LungResult(self.mask.astype(np.float32), self.mask.copy())
+
+
+def two_lungs(size: int = 64) -> np.ndarray:
+    """A mask with two lung-like rectangles, a gap (the mediastinum) between them."""
+    m = np.zeros((size, size), dtype=bool)
+    m[size // 8 : size * 3 // 4, size // 8 : size * 3 // 8] = True
+    m[size // 8 : size * 3 // 4, size * 5 // 8 : size * 7 // 8] = True
+    return m
+
+
 def synthetic_xray(size: int = 256, seed: int = 0) -> np.ndarray:
     """A grayscale chest-like image in [0, 1]: dark lungs in a bright body, with noise."""
     rng = np.random.default_rng(seed)
