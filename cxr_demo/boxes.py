@@ -61,9 +61,15 @@ def heatmap_to_boxes(
         Boxes as (x, y, w, h) in pixels, largest region first; empty if the heatmap is all zero.
     """
     rule = rule or BoxRule(threshold, "relative", "largest" if largest_only else "all", "rect")
+    return _region_boxes(heatmap, rule, _labelling(heatmap, rule))
+
+
+def _labelling(heatmap: np.ndarray, rule: BoxRule) -> tuple | None:
+    """The connected regions of the heatmap above a rule's level: (labels, region order by size, slices);
+    None for an all-zero heatmap."""
     peak = float(np.max(heatmap)) if heatmap.size else 0.0
     if peak <= 0:
-        return []
+        return None
     if rule.mode == "relative":
         level = rule.threshold * peak
     elif rule.mode == "adaptive":
@@ -73,10 +79,16 @@ def heatmap_to_boxes(
     mask = heatmap >= level
     labelled, n = ndimage.label(mask)
     if n == 0:
-        return []
+        return None
     sizes = ndimage.sum_labels(mask, labelled, index=np.arange(1, n + 1))
-    order = np.argsort(-sizes, kind="stable")
-    slices = ndimage.find_objects(labelled)
+    return labelled, np.argsort(-sizes, kind="stable"), ndimage.find_objects(labelled)
+
+
+def _region_boxes(heatmap: np.ndarray, rule: BoxRule, labelling: tuple | None) -> list[Box]:
+    """A rule's boxes from a labelling: the largest region, or every region (largest first)."""
+    if labelling is None:
+        return []
+    labelled, order, slices = labelling
     boxes: list[Box] = []
     for i in order[:1] if rule.regions == "largest" else order:
         sy, sx = slices[i]
@@ -90,6 +102,19 @@ def heatmap_to_boxes(
 def predicted_boxes(heatmap: np.ndarray, rule: BoxRule) -> list[Box]:
     """The boxes shown and scored for a heatmap: the rule's regions, at most :data:`MAX_BOXES`."""
     return heatmap_to_boxes(heatmap, rule=rule)[:MAX_BOXES]
+
+
+def predicted_boxes_for_rules(heatmap: np.ndarray, rules: Sequence[BoxRule]) -> list[list[Box]]:
+    """:func:`predicted_boxes` for many rules at once (the localisation study's grid): rules that share a
+    mode and threshold share one labelling of the heatmap. Gives exactly what :func:`predicted_boxes` gives."""
+    cache: dict[tuple[str, float], tuple | None] = {}
+    out = []
+    for rule in rules:
+        key = (rule.mode, rule.threshold)
+        if key not in cache:
+            cache[key] = _labelling(heatmap, rule)
+        out.append(_region_boxes(heatmap, rule, cache[key])[:MAX_BOXES])
+    return out
 
 
 def _moment_box(heatmap: np.ndarray, region: np.ndarray) -> Box:

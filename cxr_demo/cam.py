@@ -211,39 +211,79 @@ def resize_heatmap(heatmap: np.ndarray, width: int, height: int,
     return out
 
 
+PRIOR_LABELS: dict[str, str] = {
+    "default": "as studied for this model",
+    "off": "off (the whole image)",
+    "lungs": "lung fields",
+    "lungs+0.05": "lung fields, widened by 5%",
+    "lungs+0.1": "lung fields, widened by 10%",
+    "hull": "lungs closed over the mediastinum",
+    "hull+0.05": "lungs closed over the mediastinum, widened by 5%",
+    "hull+0.1": "lungs closed over the mediastinum, widened by 10%",
+}
+
+
 @dataclass(frozen=True)
 class ExplainSettings:
-    """What an ``/explain`` request runs: CAM method, target layer and heatmap -> box rule."""
+    """What an ``/explain`` request runs: CAM method, target layer, heatmap -> box rule, and the anatomical
+    prior's shape (``None``: the heatmap is not restricted)."""
 
     method: str
     layer: str
     rule: BoxRule
+    prior: str | None = None
+    studied: bool = False  # the method, layer and rule are the localisation study's choice for this model
 
 
-def explain_settings(card: ModelCard, method: str | None = None, box_threshold: float | None = None) -> ExplainSettings:
+def prior_text(prior: str | None) -> str:
+    """A prior shape in words."""
+    if prior is None:
+        return "off"
+    if prior in PRIOR_LABELS:
+        return PRIOR_LABELS[prior]
+    kind, _, dilation = prior.partition("+")
+    base = PRIOR_LABELS[kind]
+    return f"{base}, widened by {float(dilation) * 100:g}%" if dilation else base
+
+
+def explain_settings(card: ModelCard, method: str | None = None, box_threshold: float | None = None,
+                     prior: str | None = None) -> ExplainSettings:
     """The settings of a request; ``method`` ``"default"`` (or None) means the card's studied choice
     (``explain_defaults`` from ``training.localisation``), else Grad-CAM at the card's layer.
     ``box_threshold`` None or 0 keeps the studied box rule; otherwise the largest region above that
-    fraction of the heatmap's maximum.
+    fraction of the heatmap's maximum. ``prior`` ``"default"`` (or None) is the card's studied prior
+    (none for a model without one), ``"off"`` none, else one of :data:`PRIOR_LABELS`' shapes.
 
     Raises:
-        ChoiceError: an unknown method, or a box threshold outside 0.05-0.95.
+        ChoiceError: an unknown method or prior, or a box threshold outside 0.05-0.95.
     """
     method = (method or "default").strip().lower()
+    prior = (prior or "default").strip().lower()
     layer = card.cam_target_layer
     tuned = BoxRule()
-    if card.explain_defaults is not None:
+    studied = card.explain_defaults is not None
+    if studied:
         tuned = BoxRule(**card.explain_defaults.box_rule)
     if method == "default":
-        if card.explain_defaults is not None:
+        if studied:
             method, layer = card.explain_defaults.method, card.explain_defaults.layer
         else:
             method = DEFAULT_CAM_METHOD
+    elif studied and (method, layer) != (card.explain_defaults.method, card.explain_defaults.layer):
+        studied = False
     if method not in CAM_METHODS:
         raise ChoiceError(f"Unknown heatmap method {method[:40]!r}; choose one of: {', '.join(CAM_METHODS)}, default.")
+    if prior not in PRIOR_LABELS:
+        raise ChoiceError(f"Unknown anatomical prior {prior[:40]!r}; choose one of: {', '.join(PRIOR_LABELS)}.")
+    if prior == "default":
+        shape = card.explain_defaults.prior if card.explain_defaults is not None else None
+    else:
+        shape = None if prior == "off" else prior
+        if card.explain_defaults is None or shape != card.explain_defaults.prior:
+            studied = False
     if box_threshold is None or float(box_threshold) == 0.0:
-        return ExplainSettings(method, layer, tuned)
+        return ExplainSettings(method, layer, tuned, shape, studied)
     if not 0.05 <= float(box_threshold) <= 0.95:
         raise ChoiceError("The box threshold must be 0 (the model's tuned rule) or between 0.05 and 0.95 of the "
                           "heatmap's maximum.")
-    return ExplainSettings(method, layer, BoxRule(float(box_threshold), "relative", "largest", "rect"))
+    return ExplainSettings(method, layer, BoxRule(float(box_threshold), "relative", "largest", "rect"), shape, False)

@@ -11,6 +11,7 @@ from cxr_demo.boxes import Box
 
 PRED_COLOUR = (255, 214, 0)  # yellow: model's box
 TRUTH_COLOUR = (0, 230, 118)  # green: radiologist's box
+OUTLINE_COLOUR = (255, 64, 255)  # magenta: lung fields (not a colour of the heatmap scale)
 MAX_OVERLAY_SIDE = 1024  # the overlay is shown at the film's own resolution, up to this many pixels a side
 
 
@@ -29,12 +30,14 @@ def render_overlay(
     opacity: float,
     pred_boxes: Sequence[Box] = (),
     truth_boxes: Sequence[Box] = (),
+    outline: np.ndarray | None = None,
 ) -> np.ndarray:
     """Blend a heatmap (image frame, [0,1]) onto an 8-bit grayscale image and draw boxes.
 
     Predicted boxes are yellow and labelled P1.., ground-truth boxes green and labelled T1.. (thicker
     outline). The legend and the colour scale are drawn outside the image by the caller
-    (:func:`colour_bar_css`), so nothing covers the film.
+    (:func:`colour_bar_css`), so nothing covers the film. ``outline`` (boolean, image frame) is drawn in
+    :data:`OUTLINE_COLOUR` (the lung fields).
     """
     base = np.repeat(gray[..., None].astype(np.float32) / 255.0, 3, axis=2)
     if heatmap is not None and opacity > 0:
@@ -42,6 +45,8 @@ def render_overlay(
         # Low-activation areas stay mostly transparent so anatomy remains readable.
         alpha = opacity * np.clip(heatmap, 0, 1)[..., None] ** 0.5
         base = base * (1 - alpha) + colour * alpha
+    if outline is not None:
+        base[outline] = np.asarray(OUTLINE_COLOUR, dtype=np.float32) / 255.0
     out = Image.fromarray(np.clip(np.rint(base * 255), 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(out)
     width = max(2, round(min(gray.shape) / 200))

@@ -17,11 +17,20 @@ import numpy as np
 import torch
 
 from cxr_demo.boxes import best_match, match_truth, predicted_boxes
-from cxr_demo.cam import CAM_LABELS, SLOW_CAM_METHODS, explain_settings, heatmap_and_logits, resize_heatmap
+from cxr_demo.cam import (
+    CAM_LABELS,
+    SLOW_CAM_METHODS,
+    explain_settings,
+    heatmap_and_logits,
+    prior_text,
+    resize_heatmap,
+)
 from cxr_demo.card import ChoiceError, ModelCard, choice_number, choice_text
 from cxr_demo.groundtruth import BoxInputError, nih_boxes_for, parse_boxes
 from cxr_demo.images import ImageInputError, XRay
 from cxr_demo.inference import features_and_logits, findings_table, logits_to_probabilities, preprocess
+from cxr_demo.lungs import LungResult, LungSegmenter, apply_prior, default_segmenter
+from cxr_demo.models import WeightsError
 from cxr_demo.overlay import fit_overlay, render_overlay
 from cxr_demo.zoo import UnknownModelError, Zoo
 
@@ -35,6 +44,19 @@ NOT_RELIABLE = ("not reliable for this model: its test AUROC's 95% CI includes 0
                 "so it is never flagged")
 OOD_UNAVAILABLE = ("This model's is-this-a-chest-X-ray check could not be loaded, so this film was not checked "
                    "against the model's training images.")
+
+NO_LUNG_MODEL = ("The lung-field model is not installed here (or its weights failed their check), so the anatomical "
+                 "prior and the lung outline are off.")
+NO_LUNGS = ("No lung fields were found in this image, so the heatmap is not restricted to the chest; is it a frontal "
+            "chest X-ray?")
+UNSTUDIED = ("No localisation study has been run for this model: the heatmap uses Grad-CAM at its last layer and "
+             "the plain box rule, whose agreement with radiologists' boxes is unmeasured.")
+PEAK_OUTSIDE = ("Before the anatomical prior, this heatmap's peak lay outside the chest (the lungs closed over the "
+                "mediastinum): the model also looked at {where}.")
+
+NOT_A_CHEST = ("This does not look like an upright frontal chest X-ray: {problem}. No finding is flagged; the "
+               "probabilities are shown as computed but mean little for such an image.")
+NOT_FLAGGED_NOT_A_CHEST = "not flagged: the image did not pass the lung-based is-this-a-chest-X-ray check"
 
 USER_ERRORS: tuple[type[Exception], ...] = (ImageInputError, UnknownModelError, BoxInputError, ChoiceError)
 
@@ -64,8 +86,12 @@ class DemoService:
     (or a CAM and a forward pass) must not interleave on one model.
     """
 
-    def __init__(self, zoo: Zoo, allow_slow_cam: bool | None = None) -> None:
+    def __init__(self, zoo: Zoo, allow_slow_cam: bool | None = None, lungs: LungSegmenter | None | bool = True) -> None:
+        """``lungs``: the lung-field model (True: the project's, when installed; None or False: none)."""
         self.zoo = zoo
+        if lungs is True:
+            lungs = default_segmenter()
+        self.lungs: LungSegmenter | None = lungs or None
         self._model_lock = threading.RLock()
         self._test_results: dict[str, dict[str, dict]] = {}
         if allow_slow_cam is None:
@@ -146,13 +172,39 @@ class DemoService:
         probs = logits_to_probabilities(logits, card.task_kind)[0].float().numpy()
         if detector is not None and bool(detector.is_outlier(features.float().numpy())[0]):
             warnings.append(OOD_WARNING)
+        findings = self._with_meaning(card, findings_table(card, probs, op), op)
+        problem = self.chest_problem(xray)
+        if problem is not None:
+            warnings.append(NOT_A_CHEST.format(problem=problem))
+            for row in findings:
+                if row["positive"]:
+                    row["positive"] = False
+                    row["note"] = NOT_FLAGGED_NOT_A_CHEST
         doc = {
             "model": card.name,
             "operating_point": op,
-            "findings": self._with_meaning(card, findings_table(card, probs, op), op),
+            "findings": findings,
             "warnings": warnings,
+            "chest_check": {"checked": self.lungs is not None, "problem": problem},
         }
         return Prediction(doc, xray, card)
+
+    def chest_problem(self, xray: XRay) -> str | None:
+        """Why the lung model says this is not an upright frontal chest film (None: it is, or no lung model)."""
+        result = self._segment(xray, views=True)
+        return None if result is None else result.chest_problem()
+
+    def _segment(self, xray: XRay, views: bool = False) -> LungResult | None:
+        """The lung model's result (None when there is no usable lung model: it is then switched off, logged)."""
+        if self.lungs is None:
+            return None
+        try:
+            with self._model_lock:
+                return self.lungs.segment(xray.pixels, views=views)
+        except (WeightsError, OSError) as e:
+            log.error("lung-field model switched off: %s", e)
+            self.lungs = None
+            return None
 
     def explain(
         self,
@@ -163,6 +215,8 @@ class DemoService:
         ground_truth: str | None = None,
         opacity: float = 0.5,
         box_threshold: float | None = None,
+        prior: str | None = "default",
+        lung_outline: bool = False,
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """Heatmap overlay and box agreement for one finding.
 
@@ -170,7 +224,9 @@ class DemoService:
         (``explain_defaults`` in its card); ``box_threshold`` None or 0 uses the study's box rule,
         otherwise the largest region above that fraction of the heatmap's maximum.
         Ground truth comes from ``ground_truth`` (typed ``x, y, w, h`` in image pixels) or, when none
-        is typed, from the NIH box list matched by the uploaded file's name.
+        is typed, from the NIH box list matched by the uploaded file's name. ``prior`` restricts the heatmap and
+        its boxes to the thorax found by the lung-field model (``"default"``: the shape the study chose for this
+        model, ``"off"``, or a shape of :data:`cxr_demo.cam.PRIOR_LABELS`); ``lung_outline`` draws the lungs.
         """
         card = self.zoo.card(model_name)
         finding = choice_text(finding, "finding")
@@ -179,7 +235,10 @@ class DemoService:
         box_threshold = None if box_threshold is None else choice_number(box_threshold, "box threshold", 0.0, 0.95)
         if ground_truth is not None and not isinstance(ground_truth, str):
             raise BoxInputError("Type the ground-truth box as text: x, y, w, h (several separated by ';').")
-        settings = explain_settings(card, method, box_threshold)
+        prior = choice_text(prior, "anatomical prior")
+        if not isinstance(lung_outline, bool):
+            raise ChoiceError("The lung outline switch must be true or false.")
+        settings = explain_settings(card, method, box_threshold, prior)
         if settings.method in SLOW_CAM_METHODS and not self.allow_slow_cam:
             raise ChoiceError(f"{CAM_LABELS[settings.method].replace(' (slow)', '')} takes minutes per image on this "
                               "server's CPU and would hold up everyone else, so it is switched off here; choose "
@@ -197,6 +256,25 @@ class DemoService:
         probs = logits_to_probabilities(logits.float(), card.task_kind)[0].numpy()
         finding = card.label_names[index]
         heat = resize_heatmap(heat, xray.width, xray.height, card.crop)
+        lungs, lung_doc = self._lungs_for(xray, settings.prior is not None or lung_outline, warnings)
+        if lungs is not None:
+            chest = lungs.region("hull", xray.width, xray.height)
+            py, px = np.unravel_index(int(np.argmax(heat)), heat.shape)
+            lung_doc["peak_in_chest"] = bool(chest[py, px])
+            if not chest[py, px]:
+                where = "the " + ("upper" if py < xray.height / 3 else "lower" if py > 2 * xray.height / 3 else "middle")
+                where += " " + ("left of the image" if px < xray.width / 3 else "right of the image"
+                                if px > 2 * xray.width / 3 else "centre")
+                warnings.append(PEAK_OUTSIDE.format(where=where))
+            if settings.prior is not None:
+                heat = apply_prior(heat, lungs.region(settings.prior, xray.width, xray.height))
+        if not settings.studied:
+            if card.explain_defaults is None:
+                warnings.append(UNSTUDIED)
+            else:
+                warnings.append("These heatmap settings differ from the ones the localisation study chose for this "
+                                "model (method 'default', prior 'default', box threshold 0); their agreement with "
+                                "radiologists' boxes was measured only in the study's other rows.")
         pred_boxes = predicted_boxes(heat, settings.rule)
 
         typed = parse_boxes(ground_truth, xray.width, xray.height)
@@ -223,13 +301,19 @@ class DemoService:
                 f"The model gives {finding} a low probability ({prob:.2f}); this heatmap shows where it looked, "
                 "not a finding it sees."
             )
-        overlay = fit_overlay(render_overlay(xray.to_uint8(), heat, float(opacity), pred_boxes, truth))
+        outline = lungs.outline(xray.width, xray.height) if lungs is not None and lung_outline else None
+        overlay = fit_overlay(render_overlay(xray.to_uint8(), heat, float(opacity), pred_boxes, truth, outline))
         doc = {
             "finding": finding,
             "probability": prob,
             "method": settings.method,
             "layer": settings.layer,
             "box_rule": settings.rule.describe(),
+            "prior": settings.prior if lungs is not None else None,
+            "prior_text": prior_text(settings.prior if lungs is not None else None),
+            "studied_defaults": settings.studied,
+            "lungs": lung_doc,
+            "lung_outline": outline is not None,
             "image_size": [xray.width, xray.height],
             "predicted_boxes": [_rounded(b) for b in pred_boxes],
             "ground_truth_boxes": [_rounded(b) for b in truth],
@@ -242,5 +326,21 @@ class DemoService:
         }
         return overlay, doc
 
+    def _lungs_for(self, xray: XRay, requested: bool, warnings: list[str]) -> tuple[LungResult | None, dict]:
+        """The lung fields of a film (None when the lung model is missing or finds no lungs; a missing model is
+        a warning only when the prior or the outline was ``requested``). They also tell whether the heatmap's
+        peak lay in the chest, so they are looked for on every explain."""
+        result = self._segment(xray)
+        if result is None:
+            if requested:
+                warnings.append(NO_LUNG_MODEL)
+            return None, {"checked": False}
+        doc = {"checked": True, "model": self.lungs.card.name, "found": result.found(),
+               "lung_fraction": round(result.fraction, 4)}
+        if not result.found():
+            warnings.append(NO_LUNGS)
+            return None, doc
+        return result, doc
 
-__all__ = ["DemoService", "Prediction", "USER_ERRORS"]
+
+__all__ = ["USER_ERRORS", "DemoService", "Prediction"]

@@ -13,12 +13,13 @@ from typing import Any
 import gradio as gr
 
 from cxr_demo import INTENDED_USE
-from cxr_demo.cam import CAM_LABELS, SLOW_CAM_METHODS
+from cxr_demo.cam import CAM_LABELS, PRIOR_LABELS, SLOW_CAM_METHODS, prior_text
 from cxr_demo.card import OPERATING_POINT_HELP, ModelCard
 from cxr_demo.groundtruth import boxed_findings, default_examples
 from cxr_demo.images import IMAGE_SUFFIXES, XRay
 from cxr_demo.labels import display_name
-from cxr_demo.overlay import PRED_COLOUR, TRUTH_COLOUR, colour_bar_css
+from cxr_demo.overlay import OUTLINE_COLOUR, PRED_COLOUR, TRUTH_COLOUR, colour_bar_css
+from cxr_demo.paths import PROJECT_ROOT
 from cxr_demo.service import USER_ERRORS, DemoService
 from cxr_demo.uploads import UploadStore
 from cxr_demo.zoo import Zoo
@@ -150,12 +151,19 @@ def card_markdown(card: ModelCard, eval_path: Path | None) -> str:
         out += [f"### Evaluation (from `{m.source_file}`)", f"{m.dataset}, {m.n_images} images.", ""]
         if m.macro_auroc is not None:
             out.append(f"- **Macro AUROC:** {m.macro_auroc:.3f}{ci}")
+        ev = json.loads(eval_path.read_text()) if eval_path is not None and eval_path.is_file() else {}
         if m.mean_box_iou is not None:
-            out.append(f"- **Mean box IoU** (heatmap box vs radiologist box): {m.mean_box_iou:.3f} over {m.n_boxes} boxes")
-        per = {}
-        if eval_path is not None and eval_path.is_file():
-            ev = json.loads(eval_path.read_text())
-            per = ev.get("per_label", {})
+            loc = ev.get("localisation") or {}
+            how = "; ".join(str(loc[k]) for k in ("settings", "boxes") if loc.get(k))
+            out.append(f"- **Mean box IoU** (heatmap box vs radiologist box): {m.mean_box_iou:.3f} over {m.n_boxes} boxes"
+                       + (f" ({how})" if how else ""))
+        if card.explain_defaults is None and card.task == "nih14":
+            out.append("- **Heatmap defaults:** not studied for this model (Grad-CAM at its last layer, plain box rule)")
+        elif card.explain_defaults is not None:
+            d = card.explain_defaults
+            out.append(f"- **Heatmap defaults** (localisation study, `{d.source_file}`): {CAM_LABELS.get(d.method, d.method)} "
+                       f"at `{d.layer}`, anatomical prior: {prior_text(d.prior)}")
+        per = ev.get("per_label", {})
         if per:
             out += ["", "| finding | AUROC | 95% CI | positives |", "|---|---|---|---|"]
             for k, v in per.items():
@@ -172,8 +180,26 @@ def card_markdown(card: ModelCard, eval_path: Path | None) -> str:
     if card.limitations:
         out += ["", "### Limitations"] + [f"- {line}" for line in card.limitations]
     out += ["", "### Operating points"] + [f"- `{k}`: {v}" for k, v in OPERATING_POINT_HELP.items() if k in card.operating_points]
+    out += flags_per_image_lines(card)
     out += ["", "### Changelog"] + [f"- {c}" for c in card.changelog]
     return "\n".join(out)
+
+
+def flags_per_image_lines(card: ModelCard) -> list[str]:
+    """How many findings per validation image each operating point flags, beside how many are truly present
+    (``training.flag_rates``' file, when it is shipped with the project)."""
+    source = (card.training.get("flag_meaning") or {}).get("source_file")
+    path = PROJECT_ROOT / source if source else None
+    if path is None or not path.is_file():
+        return []
+    d = json.loads(path.read_text())
+    if d.get("weights_sha256") != card.sha256:
+        return []
+    ops = d.get("operating_points", {})
+    parts = [f"`{op}` {v['flags_per_image_as_shown']:.2f}" for op, v in ops.items() if op in card.operating_points]
+    return ["", f"Findings flagged per validation image ({d['n_validation_images']} images): " + ", ".join(parts)
+            + f"; truly present: {d['true_findings_per_image']:.2f} per image (`{source}`; the thresholds were tuned "
+            "on these images, so the rates are optimistic)."]
 
 
 class Handlers:
@@ -251,13 +277,23 @@ class Handlers:
 
     @user_errors_as_gr_error
     def explain(self, path: str | None, model_name: str, finding: str | None, method: str, ground_truth_box: str = "",
-                opacity: float = 0.5, box_threshold: float = 0.0, state: XRay | None = None):
-        """Heatmap overlay for one finding, its box, and IoU/IoBB against ground truth when there is one."""
+                opacity: float = 0.5, box_threshold: float = 0.0, prior: str = "default", lung_outline: bool = False,
+                state: XRay | None = None):
+        """Heatmap overlay for one finding, its box, and IoU/IoBB against ground truth when there is one; the
+        heatmap restricted to the chest (anatomical prior) and the lungs outlined on request."""
         if finding in ("", MOST_PROBABLE):
             finding = None
         overlay, doc = self.service.explain(self.store.take(path, state), model_name, finding, method,
-                                            ground_truth_box, opacity, box_threshold)
+                                            ground_truth_box, opacity, box_threshold, prior, lung_outline)
         return overlay, doc, explain_markdown(doc)
+
+    def explain_studied_prior(self, path: str | None, model_name: str, finding: str | None, method: str,
+                              ground_truth_box: str = "", opacity: float = 0.5, box_threshold: float = 0.0,
+                              state: XRay | None = None):
+        """``/explain`` as it was before the anatomical prior (seven values): the model's studied prior, no
+        outline, so HTTP callers that send every value keep working; ``/explain_prior`` takes both."""
+        return self.explain(path, model_name, finding, method, ground_truth_box, opacity, box_threshold,
+                            "default", False, state)
 
     @user_errors_as_gr_error
     def compare(self, path: str | None, operating_point: str, model_name: str | None = None,
@@ -282,9 +318,12 @@ def explain_markdown(doc: dict[str, Any]) -> str:
     legend = f"<span style='color:rgb{PRED_COLOUR}'>&#9632;</span> P = model's box"
     if truth:
         legend += f", <span style='color:rgb{TRUTH_COLOUR}'>&#9632;</span> T = radiologist's box"
+    if doc.get("lung_outline"):
+        legend += f", <span style='color:rgb{OUTLINE_COLOUR}'>&#9632;</span> lung outline"
     paragraphs = [
         f"**{display_name(doc['finding'])}** (probability {doc['probability']:.3f}), {CAM_LABELS[doc['method']]} "
-        f"at `{doc['layer']}`, box: {doc['box_rule']}.",
+        f"at `{doc['layer']}`, box: {doc['box_rule']}. Anatomical prior: {doc['prior_text']}"
+        + (" (the study's choice for this model)." if doc.get("studied_defaults") else "."),
         "<div class='cxr-colour-bar' style='display:flex;align-items:center;gap:6px;font-size:12px'>"
         "<span>low</span><span style='flex:1;max-width:260px;height:10px;border-radius:2px;"
         f"background:{colour_bar_css()}'></span><span>high attention</span>"
@@ -405,6 +444,12 @@ def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.
                         opacity = checked_slider(0, 1, value=0.5, step=0.05, label="Heatmap opacity", min_width=140)
                         box_threshold = checked_slider(0.0, 0.95, value=0.0, step=0.05, min_width=140,
                                                   label="Box threshold (fraction of heatmap max; 0 = the model's tuned rule)")
+                    with gr.Row():
+                        prior = gr.Dropdown([(v, k) for k, v in PRIOR_LABELS.items()], value="default",
+                                            label="Anatomical prior (heatmap and boxes kept inside the chest)",
+                                            allow_custom_value=True, min_width=140)
+                        lung_outline = gr.Checkbox(False, label="Outline the lungs", elem_id="lung-outline",
+                                                   min_width=140)
                     gt_box = gr.Textbox(value="", label="Ground-truth box (optional): x, y, w, h in image pixels; ';' between boxes",
                                         placeholder="e.g. 120, 80, 60, 90 (leave empty to use the NIH box list)")
                     explain_btn = gr.Button("Show heatmap", variant="primary")
@@ -438,9 +483,17 @@ def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.
         gr.api(handlers.models_api, api_name="models")
         predict_btn.click(handlers.predict, [upload, model, op, image_state], [findings_json, findings], api_name="predict",
                           concurrency_id="model", concurrency_limit=1)
-        explain_btn.click(handlers.explain, [upload, model, finding, method, gt_box, opacity, box_threshold, image_state],
-                          [overlay, explain_json, explain_note], api_name="explain", concurrency_id="model",
+        explain_btn.click(handlers.explain, [upload, model, finding, method, gt_box, opacity, box_threshold, prior,
+                                             lung_outline, image_state],
+                          [overlay, explain_json, explain_note], api_name="explain_prior", concurrency_id="model",
                           concurrency_limit=1)
+        # /explain keeps its seven values (plain-HTTP callers must send every value of an endpoint); it is an
+        # event of a button no one sees, with the model's studied prior.
+        explain_compat = gr.Button(visible=False)
+        explain_compat.click(handlers.explain_studied_prior, [upload, model, finding, method, gt_box, opacity,
+                                                              box_threshold, image_state],
+                             [overlay, explain_json, explain_note], api_name="explain", concurrency_id="model",
+                             concurrency_limit=1)
         compare_btn.click(handlers.compare, [upload, op, model, image_state], [compare_table, compare_json],
                           api_name="compare", concurrency_id="model", concurrency_limit=1)
     return demo

@@ -37,7 +37,7 @@ def test_upload_predict_explain_in_chromium(live_app, tmp_path):
             assert rows.count() == 14
             assert "threshold" in page.locator(".cxr-findings thead").inner_text()
             page.screenshot(path=str(ARTIFACTS / "browser-findings.png"), full_page=True)
-            page.get_by_role("tab", name="Heatmap").click()
+            open_tab(page, "Heatmap")
             page.get_by_role("button", name="Show heatmap").click()
             page.get_by_text("model's box", exact=False).first.wait_for(timeout=60_000)
             overlay = page.locator("#overlay img").first
@@ -46,6 +46,15 @@ def test_upload_predict_explain_in_chromium(live_app, tmp_path):
             if image.name.startswith("000"):
                 page.get_by_text("IoU", exact=False).first.wait_for(timeout=5_000)
             page.screenshot(path=str(ARTIFACTS / "browser-heatmap.png"), full_page=True)
+            # The lung outline toggle: ticked, the overlay is redrawn with the lungs outlined and the legend says so.
+            from cxr_demo.lungs import default_lung_folder
+
+            if default_lung_folder() is not None:
+                page.get_by_label("Outline the lungs").check()
+                page.get_by_role("button", name="Show heatmap").click()
+                page.get_by_text("lung outline", exact=False).first.wait_for(timeout=60_000)  # the legend
+                assert "Anatomical prior" in page.locator("body").inner_text()
+                page.screenshot(path=str(ARTIFACTS / "browser-heatmap-lungs.png"), full_page=True)
             # Predict and explain ran on the session's decoded image: the upload itself is gone from disk.
             from gradio.utils import get_upload_folder
 
@@ -55,6 +64,17 @@ def test_upload_predict_explain_in_chromium(live_app, tmp_path):
                 assert not list(Path(get_upload_folder()).rglob(image.name))
         finally:
             browser.close()
+
+
+def open_tab(page, name: str) -> None:
+    """Click a tab as a visitor would: on a narrow screen Gradio moves tabs that do not fit into its '...'
+    overflow menu, so open that menu first when the tab itself is hidden."""
+    tab = page.get_by_role("tab", name=name)
+    if tab.count() and tab.first.is_visible():
+        tab.first.click()
+        return
+    page.locator(".overflow-menu").first.click()
+    page.locator(".overflow-dropdown").get_by_text(name, exact=True).first.click()
 
 
 def _synthetic(path: Path, seed: int) -> Path:
@@ -106,7 +126,7 @@ def test_a_visitors_journey(live_demo, tmp_path, width, height):
             shot(page, "2-findings")
 
             # Heatmap with the radiologist's box.
-            page.get_by_role("tab", name="Heatmap").click()
+            open_tab(page, "Heatmap")
             page.get_by_role("button", name="Show heatmap").click()
             page.get_by_text("IoU", exact=False).first.wait_for(timeout=60_000)
             assert page.locator(".cxr-colour-bar").count() == 1
@@ -123,7 +143,7 @@ def test_a_visitors_journey(live_demo, tmp_path, width, height):
             page.get_by_text("No ground-truth box", exact=False).first.wait_for(timeout=60_000)
             assert page.get_by_text("T = radiologist's box").count() == 0
             shot(page, "4-heatmap-no-truth")
-            page.get_by_role("tab", name="Findings").click()
+            open_tab(page, "Findings")
             rows.first.wait_for(timeout=60_000)
             shot(page, "5-second-upload")
             from gradio.utils import get_upload_folder
@@ -131,7 +151,7 @@ def test_a_visitors_journey(live_demo, tmp_path, width, height):
             assert not list(Path(get_upload_folder()).rglob(other.name)), "the second film was left on disk"
 
             # Compare: one task's models, fitting the column (it scrolls inside, the page does not).
-            page.get_by_role("tab", name="Compare").click()
+            open_tab(page, "Compare")
             page.get_by_role("button", name="Run every model of this task on this film").click()
             table = page.locator(".cxr-compare")
             table.wait_for(timeout=180_000)
@@ -141,7 +161,7 @@ def test_a_visitors_journey(live_demo, tmp_path, width, height):
             assert "kermany" not in table.inner_text() and "operating point" in table.inner_text()
             shot(page, "6-compare")
 
-            page.get_by_role("tab", name="Model card").click()
+            open_tab(page, "Model card")
             card_text = page.get_by_text("Operating points", exact=False).first
             card_text.wait_for(timeout=10_000)
             body = page.locator("body").inner_text()

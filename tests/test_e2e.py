@@ -351,3 +351,56 @@ def test_the_queue_is_bounded(live_demo):
 
     demo, _ = live_demo
     assert demo._queue.max_size == QUEUE_MAX_SIZE
+
+
+@needs_nih
+def test_turned_inverted_and_non_chest_images_are_told_and_never_flagged(client, model_name, tmp_path):
+    """The lung-based is-this-a-chest-X-ray check, through the running app: the film as given passes; turned,
+    inverted or noise does not, says why, and no finding is flagged."""
+    from cxr_demo.lungs import default_lung_folder
+
+    if default_lung_folder() is None:
+        pytest.skip("no lung model in checkpoints/")
+    film = np.asarray(Image.open(BOXED).convert("L"))
+    variants = {"upright": film, "rotated 90": np.rot90(film), "upside down": np.rot90(film, 2), "inverted": 255 - film,
+                "noise": np.random.default_rng(0).integers(0, 256, film.shape, dtype=np.uint8)}
+    for name, pixels in variants.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.png"
+        Image.fromarray(np.ascontiguousarray(pixels)).save(path)
+        doc, _ = client.predict(handle_file(str(path)), model_name, "screening", api_name="/predict")
+        problem = doc["chest_check"]["problem"]
+        if name == "upright":
+            assert doc["chest_check"] == {"checked": True, "problem": None}
+            continue
+        assert problem, name
+        assert any("does not look like an upright frontal chest X-ray" in w for w in doc["warnings"])
+        assert not any(f["positive"] for f in doc["findings"])
+
+
+@needs_nih
+def test_explain_prior_endpoint_restricts_to_the_chest_and_outlines_the_lungs(client, live_app, model_name):
+    """/explain_prior (what the UI's button calls) takes the prior and the outline; /explain keeps its seven
+    values over plain HTTP and uses the model's studied prior."""
+    import httpx
+
+    from cxr_demo.lungs import default_lung_folder
+    from tests.helpers import http_call
+
+    if default_lung_folder() is None:
+        pytest.skip("no lung model in checkpoints/")
+    _, doc, note = client.predict(handle_file(str(BOXED)), model_name, "Atelectasis", "gradcam", "", 0.5, 0.0, "hull",
+                                  True, api_name="/explain_prior")
+    assert doc["prior"] == "hull" and doc["lung_outline"] is True and doc["lungs"]["found"] is True
+    assert "lung outline" in note and "Anatomical prior: lungs closed over the mediastinum" in note
+    _, off, _ = client.predict(handle_file(str(BOXED)), model_name, "Atelectasis", "gradcam", "", 0.5, 0.0, "off",
+                               False, api_name="/explain_prior")
+    assert off["prior"] is None and off["lung_outline"] is False
+    with pytest.raises(Exception, match="anatomical prior"):
+        client.predict(handle_file(str(BOXED)), model_name, "Atelectasis", "gradcam", "", 0.5, 0.0, "/etc/passwd",
+                       False, api_name="/explain_prior")
+    url = live_app if live_app.endswith("/") else live_app + "/"
+    with httpx.Client(timeout=120) as http:
+        _, plain, _ = http_call(http, url, "explain", BOXED, model_name, "Atelectasis", "default", "", 0.5, 0.0)
+        _, full, _ = http_call(http, url, "explain_prior", BOXED, model_name, "Atelectasis", "default", "", 0.5, 0.0,
+                               "default", False)
+    assert plain["prior"] == full["prior"] and plain["predicted_boxes"] == full["predicted_boxes"]

@@ -11,7 +11,7 @@ from cxr_demo.card import read_card
 from cxr_demo.images import read_xray
 from cxr_demo.service import DemoService
 from cxr_demo.zoo import Zoo, ZooSource
-from tests.helpers import make_checkpoint, make_fake_nih
+from tests.helpers import make_checkpoint, make_fake_nih, make_lung_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +21,10 @@ def study(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("loc")
     data = make_fake_nih(tmp / "data", n_train=8, n_test=24, size=128)
     folder = make_checkpoint(tmp / "ck", name="tiny", input_size=64)
+    lungs = make_lung_checkpoint(tmp / "lungs")
     out = tmp / "docs" / "localisation"
-    main([str(folder), "--data-root", str(data), "--out", str(out), "--perturbation-pairs", "1", "--max-cost", "50"])
+    main([str(folder), "--data-root", str(data), "--out", str(out), "--perturbation-pairs", "1", "--max-cost", "50",
+          "--lung-model", str(lungs), "--priors", "lungs,hull+0.05"])
     return folder, json.loads((out / "tiny.json").read_text()), tmp / "docs"
 
 
@@ -47,6 +49,28 @@ def test_every_method_and_metric_is_reported(study):
     assert not result["methods"][result["chosen"]["key"]]["subset"]  # never chosen from a subset
 
 
+def test_every_method_is_scored_with_and_without_each_prior_and_beside_image_free_boxes(study):
+    _, result, docs = study
+    PRIOR_SHAPES = ["lungs", "hull+0.05"]  # the two the fixture asks for
+    assert result["priors"] == ["off", *PRIOR_SHAPES]
+    for shape in PRIOR_SHAPES:
+        assert result["methods"][f"gradcam + {shape}"]["prior"] == shape
+    assert result["methods"]["gradcam"]["prior"] is None
+    # prior rows pay for the lung model
+    assert result["methods"]["gradcam + lungs"]["cost_vs_forward_backward"] > result["methods"]["gradcam"]["cost_vs_forward_backward"]
+    base = result["image_free_baselines"]
+    assert {"median_box_per_finding", "central_box"} <= set(base)
+    for b in base.values():
+        assert b["report"]["n_boxes"] == result["halves"]["report"]["n_boxes"]
+    best_free = max(base[k]["report"]["mean_iou_over_findings"] for k in ("median_box_per_finding", "central_box"))
+    assert result["margin_over_image_free"]["mean_iou_over_findings"] == pytest.approx(
+        result["chosen"]["report"]["mean_iou_over_findings"] - best_free)
+    assert result["best_without_prior"]["prior"] is None
+    assert set(result["lung_model"]["box_coverage"]) == set(PRIOR_SHAPES)
+    text = (docs / "LOCALISATION.md").read_text()
+    assert "median box per finding" in text and "without prior" in text
+
+
 def test_choice_is_the_best_on_the_select_half(study):
     _, result, _ = study
     best = max((k for k, v in result["methods"].items() if not v["subset"]),
@@ -59,6 +83,7 @@ def test_card_and_app_use_the_chosen_defaults(study, tmp_path):
     card = read_card(folder)
     assert card.explain_defaults.method == result["chosen"]["method"]
     assert card.explain_defaults.layer == result["chosen"]["layer"]
+    assert card.explain_defaults.prior == result["chosen"]["prior"]
     s = explain_settings(card, "default", 0)
     assert (s.method, s.layer, s.rule.__dict__) == (result["chosen"]["method"], result["chosen"]["layer"],
                                                     result["chosen"]["rule"])
@@ -76,3 +101,22 @@ def test_card_and_app_use_the_chosen_defaults(study, tmp_path):
     _, doc = service.explain(read_xray(img), "tiny", "Effusion", "default", "10, 10, 50, 50")
     assert doc["method"] == result["chosen"]["method"] and doc["layer"] == result["chosen"]["layer"]
     assert 1 <= len(doc["predicted_boxes"]) <= 3 and len(doc["per_box"]) == 1
+
+
+def test_the_studys_shared_labelling_gives_the_apps_boxes():
+    """The study scores its rule grid with one labelling per threshold; the app draws each rule on its own."""
+    import numpy as np
+    from scipy import ndimage
+
+    from cxr_demo.boxes import predicted_boxes, predicted_boxes_for_rules
+    from training.localisation import rule_grid
+
+    rng = np.random.default_rng(0)
+    from cxr_demo.boxes import BoxRule
+
+    rules = rule_grid() + [BoxRule(0.5, "relative", "all", "moments")]
+    for sigma in (2, 6, 15):
+        heat = ndimage.gaussian_filter(rng.random((96, 80)), sigma).astype(np.float32)
+        heat /= heat.max()
+        assert predicted_boxes_for_rules(heat, rules) == [predicted_boxes(heat, r) for r in rules]
+    assert predicted_boxes_for_rules(np.zeros((8, 8), np.float32), rules) == [[] for _ in rules]

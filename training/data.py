@@ -108,6 +108,17 @@ def nih_box_pairs(records: list[Record], boxes_by_image: dict, labels: list[str]
     return pairs
 
 
+def study_halves(pairs: list[dict], seed: int = 0) -> dict[str, list[int]]:
+    """Pair indices of the ``select`` and ``report`` halves: the boxed images split 50/50 by patient."""
+    images = sorted({p["image"] for p in pairs})
+    patient_of = {p["image"]: p["patient"] for p in pairs}
+    split = GroupShuffleSplit(n_splits=1, test_size=0.5, random_state=seed)
+    sel_idx, rep_idx = next(split.split(images, groups=[patient_of[n] for n in images]))
+    half_of = {images[i]: "select" for i in sel_idx} | {images[i]: "report" for i in rep_idx}
+    assert not {patient_of[images[i]] for i in sel_idx} & {patient_of[images[i]] for i in rep_idx}
+    return {h: [i for i, p in enumerate(pairs) if half_of[p["image"]] == h] for h in ("select", "report")}
+
+
 def patient_split(records: list[Record], val_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
     """Split records into train/validation so that no patient is in both."""
     groups = [r.patient for r in records]

@@ -23,7 +23,7 @@ from cxr_demo.cam import compute_heatmap, explain_settings, resize_heatmap
 from cxr_demo.card import EVAL_FILE, EvalMetrics, read_card, write_card
 from cxr_demo.inference import normalise_batch, predict_array
 from cxr_demo.zoo import load_checkpoint
-from training.data import add_data_root_argument, cached_pixels, nih_box_pairs, nih_boxes
+from training.data import add_data_root_argument, cached_pixels, nih_box_pairs, nih_boxes, study_halves
 from training.metrics import bootstrap_auroc, operating_point_metrics, per_finding, safe_auroc, score_rule, summarise
 from training.tasks import load_task
 
@@ -53,34 +53,53 @@ def _roc_plot(Y: np.ndarray, P: np.ndarray, labels: list[str], aucs: list, path:
     plt.close(fig)
 
 
-def box_study(model, card, records, pixels, boxes_by_image) -> dict:
-    """IoU/IoBB against every radiologist box of the evaluation images, with the settings the app uses
-    by default for this model (``explain_defaults`` from the localisation study, else Grad-CAM)."""
+def box_study(model, card, records, pixels, boxes_by_image, lung_folder: Path | None = None) -> dict:
+    """IoU/IoBB against the radiologist boxes of the localisation study's ``report`` half (the patient-disjoint
+    half on which no setting was chosen), with the settings the app uses by default for this model
+    (``explain_defaults`` from the study, its anatomical prior included; else Grad-CAM, no prior)."""
+    from cxr_demo.images import read_xray
+    from cxr_demo.lungs import LungSegmenter, apply_prior, default_lung_folder
+
     settings = explain_settings(card, "default")
     pairs = nih_box_pairs(records, boxes_by_image, card.label_names)
+    pairs = [pairs[i] for i in study_halves(pairs)["report"]]
+    lungs = None
+    if settings.prior is not None:
+        folder = lung_folder or default_lung_folder()
+        if folder is None:
+            raise FileNotFoundError(f"{card.name}'s defaults use the anatomical prior, but no lung model is installed")
+        lungs = LungSegmenter(folder)
     heats = []
     t0 = time.time()
     for p in pairs:
         x_in = normalise_batch(pixels[p["index"] : p["index"] + 1], card.mean, card.std)
         heat = compute_heatmap(model, card, x_in, card.label_names.index(p["finding"]), settings.method,
                                layer=settings.layer)
-        heats.append(resize_heatmap(heat, p["width"], p["height"], card.crop))
+        heat = resize_heatmap(heat, p["width"], p["height"], card.crop)
+        if lungs is not None:
+            res = lungs.segment(read_xray(records[p["index"]].path).pixels)
+            if res.found():
+                heat = apply_prior(heat, res.region(settings.prior, p["width"], p["height"]))
+        heats.append(heat)
     seconds = time.time() - t0
     rows = score_rule(heats, pairs, settings.rule)
-    note = ("settings chosen by the localisation study on a patient-disjoint half of these boxes; the held-out "
-            f"half's numbers are in {card.explain_defaults.source_file}") if card.explain_defaults else "fixed settings"
+    note = (f"settings chosen by the localisation study on the other, patient-disjoint half ({card.explain_defaults.source_file})"
+            if card.explain_defaults else "fixed settings (no localisation study for this model): Grad-CAM, plain box rule")
     return {
         "method": settings.method,
         "layer": settings.layer,
         "box_rule": settings.rule.describe(),
+        "prior": settings.prior,
         "settings": note,
+        "boxes": "the localisation study's report half only (boxed official-test images, split 50/50 by patient)",
         "overall": summarise(rows),
         "per_finding": per_finding(rows),
         "seconds_per_heatmap": round(seconds / max(len(pairs), 1), 4),
     }
 
 
-def evaluate_checkpoint(folder: Path, data_root: Path | None = None, n_boot: int = 1000) -> dict:
+def evaluate_checkpoint(folder: Path, data_root: Path | None = None, n_boot: int = 1000,
+                        lung_folder: Path | None = None) -> dict:
     """Evaluate ``folder`` on its task's test images in ``data_root`` (for NIH, the official test list);
     write eval.json."""
     folder = Path(folder)
@@ -119,7 +138,7 @@ def evaluate_checkpoint(folder: Path, data_root: Path | None = None, n_boot: int
                 "f1": m["per_label_f1"][j]}
             for j, n in enumerate(card.label_names)
         }
-    boxes = box_study(model, card, records, pixels, nih_boxes(data_root / "nih14")) if card.task == "nih14" else None
+    boxes = box_study(model, card, records, pixels, nih_boxes(data_root / "nih14"), lung_folder) if card.task == "nih14" else None
     _roc_plot(Y, P, card.label_names, aucs, folder / "roc.png",
               f"{card.name}: {card.task} test images (n={len(Y)}), macro AUROC {macro:.3f}")
     caution = ("These test images are a biased sample (collected for their boxes; almost no 'No Finding'); "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import precision_recall_fscore_support, roc_auc_score, roc_curve
 
-from cxr_demo.boxes import Box, BoxRule, match_truth, predicted_boxes
+from cxr_demo.boxes import Box, BoxRule, match_truth, predicted_boxes, predicted_boxes_for_rules
 
 
 def safe_auroc(y: np.ndarray, p: np.ndarray) -> float | None:
@@ -166,6 +166,17 @@ def score_rule(heats: list[np.ndarray], pairs: list[dict], rule: BoxRule) -> lis
                 "n_pred": len(pred),
             })
     return rows
+
+
+def score_rules(heat: np.ndarray, pair: dict, rules: list[BoxRule]) -> list[list[dict]]:
+    """:func:`score_rule` of one heatmap under every rule (shared labellings), one list of rows per rule."""
+    py, px = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    pointing = [bool(t[0] <= px <= t[0] + t[2] and t[1] <= py <= t[1] + t[3]) for t in pair["truth"]]
+    out = []
+    for pred in predicted_boxes_for_rules(heat, rules):
+        out.append([{"finding": pair["finding"], "iou": iou, "iobb": iobb, "pointing": pt, "n_pred": len(pred)}
+                    for (iou, iobb), pt in zip(match_truth(pred, pair["truth"]), pointing, strict=True)])
+    return out
 
 
 def summarise(rows: list[dict]) -> dict:

@@ -86,8 +86,11 @@ def zoo_table(checkpoints: Path = DEFAULT_CHECKPOINTS, prefix: str = "") -> str:
             lines.append(f"| {name} | {card.task} | `{card.architecture}` | {_init(card)} | {n_train} | {val} | "
                          "not evaluated | | | |")
             continue
-        loc = (ev.get("localisation") or {}).get("overall")
-        iou = f"{loc['mean_iou']:.3f} ({loc['n_boxes']})" if loc else "—"
+        loc_doc = ev.get("localisation") or {}
+        loc = loc_doc.get("overall")
+        how = ("studied defaults" if str(loc_doc.get("settings", "")).startswith("settings chosen") else "unstudied")
+        how += ", report half" if "boxes" in loc_doc else ", all boxes"
+        iou = f"{loc['mean_iou']:.3f} ({loc['n_boxes']}; {how})" if loc else "—"
         lines.append(
             f"| {name} | {card.task} | `{card.architecture}` {card.input_size}px | {_init(card)} | {n_train} | {val} | "
             f"{_auc(ev)}{'' if ev.get('bootstrap', {}).get('unit') == 'patient' else ' †'} | {ev['n_images']} | {iou} | [eval.json]({prefix}checkpoints/{folder.name}/{EVAL_FILE}) |"
@@ -299,10 +302,15 @@ def compute_tsne(folder: Path, out_dir: Path = TSNE_DIR, data_root: Path | None 
 
 def pins_json(checkpoints: Path = DEFAULT_CHECKPOINTS) -> str:
     """The pinned sha256 of every committed checkpoint's weights and OOD file (cxr_demo/pinned_weights.json)."""
+    from cxr_demo.lungs import DEFAULT_LUNG_MODEL, LUNG_CARD_FILE, read_lung_card
+
     models = {card.name: {"sha256": card.sha256, "ood_sha256": card.ood.sha256 if card.ood else None}
               for _, card, _ in _checkpoints(checkpoints)}
-    return json.dumps({"comment": "written by python -m training.report; the app serves only these weights",
-                       "models": models}, indent=2) + "\n"
+    doc = {"comment": "written by python -m training.report; the app serves only these weights", "models": models}
+    if (checkpoints / DEFAULT_LUNG_MODEL / LUNG_CARD_FILE).is_file():
+        lung = read_lung_card(checkpoints / DEFAULT_LUNG_MODEL)
+        doc["lung_model"] = {"name": lung.name, "sha256": lung.sha256}
+    return json.dumps(doc, indent=2) + "\n"
 
 
 def render(readme: str, table: str) -> str:
