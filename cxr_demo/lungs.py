@@ -128,10 +128,10 @@ def create_unet(encoder: str, decoder_channels: list[int] | tuple[int, ...]) -> 
                     decoder_channels=tuple(decoder_channels), encoder_depth=5)
 
 
-def lung_input(pixels: np.ndarray, card: LungCard) -> torch.Tensor:
-    """A [0, 1] grayscale image -> the normalised (1, 1, S, S) tensor the lung model sees (training's cache
-    goes through the same :func:`cxr_demo.inference.prepare_pixels`)."""
-    return normalise_batch(prepare_pixels(pixels, card.input_size)[None], card.mean, card.std)
+def lung_pixels(pixels: np.ndarray, card: LungCard) -> np.ndarray:
+    """A [0, 1] grayscale image -> the (S, S) uint8 array the lung model sees (training's cache goes through
+    the same :func:`cxr_demo.inference.prepare_pixels`)."""
+    return prepare_pixels(pixels, card.input_size)
 
 
 def clean_mask(mask: np.ndarray) -> np.ndarray:
@@ -286,18 +286,13 @@ class LungSegmenter:
     def segment(self, pixels: np.ndarray, views: bool = False) -> LungResult:
         """Lung fields of a [0, 1] grayscale image; with ``views``, also the model's confidence on the film
         turned upside down and inverted (one batch of three: the is-this-a-chest-X-ray check)."""
-        batch = prepare_pixels(pixels, self.card.input_size)[None]
+        batch = lung_pixels(pixels, self.card)[None]
         if views:
             batch = np.concatenate([batch] + [np.ascontiguousarray(f(batch)) for f in VIEWS.values()])
         with torch.inference_mode():
             prob = torch.sigmoid(self.model(normalise_batch(batch, self.card.mean, self.card.std)))[:, 0].numpy()
         alternates = {k: _confidence(p) for k, p in zip(VIEWS, prob[1:], strict=True)} if views else {}
         return LungResult(prob[0], clean_mask(prob[0] >= self.card.threshold), alternates)
-
-    def segment_batch(self, batch_uint8: np.ndarray) -> np.ndarray:
-        """Probabilities for a (B, S, S) uint8 batch already at the card's input size (training's cache)."""
-        with torch.inference_mode():
-            return torch.sigmoid(self.model(normalise_batch(batch_uint8, self.card.mean, self.card.std)))[:, 0].numpy()
 
 
 def default_lung_folder() -> Path | None:

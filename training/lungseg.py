@@ -342,7 +342,8 @@ def chest_check(folder: Path, data_root: Path, n: int = 150, out: Path | None = 
 
 def montage(folder: Path, out: Path | None = None) -> Path:
     """The lung outline (magenta) and the closed chest region's edge (yellow) on the shipped NIH example films,
-    for a check by eye: docs/lungs/nih_examples.png."""
+    for a check by eye: artifacts/lungs-nih-examples.png (git-ignored: it holds NIH pixels, which the project
+    never commits outside examples/)."""
     from cxr_demo.groundtruth import EXAMPLES_DIR
     from cxr_demo.images import read_xray
     from scipy import ndimage
@@ -366,7 +367,7 @@ def montage(folder: Path, out: Path | None = None) -> Path:
     sheet = Image.new("RGB", (256 * 4, 256 * ((len(tiles) + 3) // 4)))
     for i, t in enumerate(tiles):
         sheet.paste(t, (256 * (i % 4), 256 * (i // 4)))
-    out = out or paths.PROJECT_ROOT / "docs" / "lungs" / "nih_examples.png"
+    out = out or paths.PROJECT_ROOT / "artifacts" / "lungs-nih-examples.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)
     return out
@@ -388,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--evaluate", type=Path, default=None, help="only re-run the test evaluation of this folder")
     p.add_argument("--chest-check", type=Path, default=None,
                    help="only measure the lung-based is-this-a-chest-X-ray check of this folder")
-    p.add_argument("--montage", type=Path, default=None, help="only draw docs/lungs/nih_examples.png with this folder")
+    p.add_argument("--montage", type=Path, default=None, help="only draw artifacts/lungs-nih-examples.png with this folder")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     data_root = args.data_root or paths.data_root()
