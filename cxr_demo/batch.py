@@ -6,8 +6,8 @@
 Every image file in FOLDER (recursively with ``--recursive``) is decoded and predicted exactly as ``/predict``
 does it (same decoding, preprocessing, model, thresholds and out-of-distribution check), so the numbers are
 the app's. A file that cannot be read gets a row with its reason in ``error`` and the run goes on. CSV
-columns: ``file``, ``error``, ``warnings``, then per finding ``<finding>_probability``, ``_threshold`` and
-``_positive``. The model defaults to the app's default (the zoo's first, chosen on validation).
+columns: ``file``, ``error``, ``warnings``, then per finding ``<finding>_probability`` and ``_threshold``
+(calibrated, as the app shows them), ``_positive`` and ``_raw_probability`` (the model's uncalibrated output). The model defaults to the app's default (the zoo's first, chosen on validation).
 """
 
 from __future__ import annotations
@@ -50,15 +50,16 @@ def run(paths: list[Path], service: DemoService, model: str, operating_point: st
 def write_csv(rows: list[dict], out, labels: list[str]) -> None:
     writer = csv.writer(out)
     writer.writerow(["file", "error", "warnings"]
-                    + [f"{lab}_{k}" for lab in labels for k in ("probability", "threshold", "positive")])
+                    + [f"{lab}_{k}" for lab in labels for k in ("probability", "threshold", "positive", "raw_probability")])
     for row in rows:
         doc = row["document"]
         cells = [row["file"], row["error"] or "", " | ".join(doc["warnings"]) if doc else ""]
         by_name = {f["name"]: f for f in doc["findings"]} if doc else {}
         for lab in labels:
             f = by_name.get(lab)
-            cells += ["", "", ""] if f is None else [
-                f"{f['probability']:.6f}", "" if f["threshold"] is None else f"{f['threshold']:.6f}", int(f["positive"])]
+            cells += ["", "", "", ""] if f is None else [
+                f"{f['probability']:.6f}", "" if f["threshold"] is None else f"{f['threshold']:.6f}", int(f["positive"]),
+                f"{f['raw_probability']:.6f}"]
         writer.writerow(cells)
 
 

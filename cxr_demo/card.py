@@ -20,6 +20,8 @@ from cxr_demo import INTENDED_USE
 CARD_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 EVAL_FILE = "eval.json"
+# Per-image raw test probabilities written by training.evaluate (for paired comparisons and calibration numbers).
+PREDICTIONS_FILE = "test_predictions.npz"
 # Keys of config.json that are timm's (so timm can load a checkpoint from the Hub), not the card's.
 TIMM_KEYS = ("num_classes", "num_features", "pretrained_cfg")
 # Architectures of this project that timm does not know: their config.json carries no timm fields.
@@ -140,6 +142,29 @@ class OODInfo(BaseModel):
     source_file: str = Field(description="measurement the threshold's rates come from, relative to the project root")
 
 
+class Calibration(BaseModel):
+    """Post-hoc calibration fitted on the model's validation images (``training.calibration``); applied by
+    :func:`cxr_demo.calibration.calibrate`. On the logit scale (multi-label: per finding ``sigmoid(a * logit(p) +
+    b)``; multi-class: ``softmax(a * log p)``, one ``a`` stored under ``"*"``), with ``a > 0`` so that the ranking
+    of films, every AUROC and every flag stay exactly as they were."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["identity", "temperature", "platt"]
+    params: dict[str, tuple[float, float]] = Field(description="slope a > 0 and offset b per finding (or '*')")
+    fitted_on: str = Field(description="the images the parameters were fitted on (validation only)")
+    source_file: str = Field(description="the calibration study, relative to the project root")
+
+    @field_validator("params")
+    @classmethod
+    def _positive_slopes(cls, v: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        for key, (a, b) in v.items():
+            if not (math.isfinite(a) and math.isfinite(b) and 0 < a <= 100 and abs(b) <= 100):
+                raise ValueError(f"calibration of {key!r}: slope must lie in (0, 100] and offset in [-100, 100], "
+                                 f"got {a}, {b}")
+        return v
+
+
 class ModelCard(BaseModel):
     """Everything needed to use one checkpoint, as stored in ``config.json``."""
 
@@ -171,6 +196,7 @@ class ModelCard(BaseModel):
     eval_metrics: EvalMetrics | None = None
     explain_defaults: ExplainDefaults | None = None
     ood: OODInfo | None = None
+    calibration: Calibration | None = None
     license: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
@@ -212,6 +238,11 @@ class ModelCard(BaseModel):
                         f"thresholds[{op!r}] must have one value per label; missing {sorted(missing)}, "
                         f"unknown {sorted(extra)}"
                     )
+        if self.calibration is not None:
+            expected = set(self.label_names) if self.task_kind == "multilabel" else {"*"}
+            if set(self.calibration.params) != expected:
+                raise ValueError(f"calibration.params must have one entry per label (multi-label) or '*' (multi-class); "
+                                 f"expected {sorted(expected)}, got {sorted(self.calibration.params)}")
         return self
 
     @property

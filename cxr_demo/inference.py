@@ -91,19 +91,28 @@ def feature_array(model: torch.nn.Module, pixels: np.ndarray, mean: float, std: 
 
 
 def findings_table(card: ModelCard, probs: np.ndarray, operating_point: str) -> list[dict]:
-    """One row per label in card order: name, probability, threshold and whether it is flagged.
+    """One row per label in card order from the model's raw probabilities: name, probability, threshold and
+    whether it is flagged.
 
-    Multi-class models flag the arg-max class (threshold reported as ``None``).
+    ``probability`` and ``threshold`` are calibrated by the card's calibration (``cxr_demo.calibration``; the
+    raw values stay under ``raw_probability`` and ``raw_threshold``). The flag compares the raw values, which
+    is the same comparison, as the calibration map is increasing. Multi-class models flag the arg-max class
+    (threshold ``None``, ``threshold_note`` says why).
     """
+    from cxr_demo.calibration import calibrate, calibrated_threshold
+
+    shown = calibrate(card, probs)
     rows = []
     if card.task_kind == "multiclass":
         top = int(np.argmax(probs))
         for i, name in enumerate(card.label_names):
-            rows.append({"name": name, "probability": float(probs[i]), "threshold": None, "positive": i == top})
+            rows.append({"name": name, "probability": float(shown[i]), "threshold": None, "positive": i == top,
+                         "raw_probability": float(probs[i]), "raw_threshold": None,
+                         "threshold_note": "one decision rule for this multi-class model: the most probable class "
+                                           "is the answer (no per-class threshold)"})
         return rows
     for i, name in enumerate(card.label_names):
         thr = card.threshold(operating_point, name)
-        rows.append(
-            {"name": name, "probability": float(probs[i]), "threshold": float(thr), "positive": bool(probs[i] >= thr)}
-        )
+        rows.append({"name": name, "probability": float(shown[i]), "threshold": calibrated_threshold(card, name, thr),
+                     "positive": bool(probs[i] >= thr), "raw_probability": float(probs[i]), "raw_threshold": float(thr)})
     return rows

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cxr_demo import calibration
 from cxr_demo.boxes import best_match, match_truth, predicted_boxes
 from cxr_demo.cam import (
     CAM_LABELS,
@@ -180,9 +181,14 @@ class DemoService:
                 if row["positive"]:
                     row["positive"] = False
                     row["note"] = NOT_FLAGGED_NOT_A_CHEST
+        cal = card.calibration
         doc = {
             "model": card.name,
             "operating_point": op,
+            "calibrated": cal is not None and cal.method != "identity",
+            "calibration": None if cal is None else {"method": cal.method, "fitted_on": cal.fitted_on,
+                                                     "source_file": cal.source_file},
+            "calibration_text": calibration.describe(card),
             "findings": findings,
             "warnings": warnings,
             "chest_check": {"checked": self.lungs is not None, "problem": problem},
@@ -253,7 +259,8 @@ class DemoService:
             model = self.zoo.model(card.name)
             requested = card.label_names.index(finding) if finding else None
             heat, logits, index = heatmap_and_logits(model, card, x, requested, settings.method, layer=settings.layer)
-        probs = logits_to_probabilities(logits.float(), card.task_kind)[0].numpy()
+        raw_probs = logits_to_probabilities(logits.float(), card.task_kind)[0].numpy()
+        probs = calibration.calibrate(card, raw_probs)  # what /predict shows for this film
         finding = card.label_names[index]
         heat = resize_heatmap(heat, xray.width, xray.height, card.crop)
         lungs, lung_doc = self._lungs_for(xray, settings.prior is not None or lung_outline, warnings)
@@ -306,6 +313,7 @@ class DemoService:
         doc = {
             "finding": finding,
             "probability": prob,
+            "raw_probability": float(raw_probs[index]),
             "method": settings.method,
             "layer": settings.layer,
             "box_rule": settings.rule.describe(),

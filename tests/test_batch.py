@@ -39,6 +39,7 @@ def test_batch_csv_matches_predict_and_records_broken_files(folder, tmp_path, cl
         assert row["error"] == ""
         for f in doc["findings"]:
             assert float(row[f"{f['name']}_probability"]) == pytest.approx(f["probability"], abs=1e-6)
+            assert float(row[f"{f['name']}_raw_probability"]) == pytest.approx(f["raw_probability"], abs=1e-6)
             assert int(row[f"{f['name']}_positive"]) == int(f["positive"])
 
 

@@ -48,7 +48,18 @@ def service():
     return DemoService(Zoo(ZooSource(DEFAULT_CHECKPOINTS)))
 
 
+_WORST: dict[str, dict[str, float]] = {}
+
+
 def _worst_changes(service, tmp_path, film) -> dict[str, float]:
+    """Per variant, the largest change of any shown probability against the 8-bit PNG (computed once per film)."""
+    if film not in _WORST:
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        _WORST[film] = _measure(service, tmp_path, film)
+    return _WORST[film]
+
+
+def _measure(service, tmp_path, film) -> dict[str, float]:
     paths = variants(NIH / "images" / film, tmp_path)
     for key in ("dicom16-mono2", "dicom16-mono1"):
         _bits(paths[key], 16)
@@ -70,10 +81,20 @@ def test_the_same_pixels_in_any_container_give_the_same_probabilities(service, t
     assert max(worst[k] for k in LOSSLESS) <= 0.01, worst
 
 
-@pytest.mark.xfail(strict=True, reason="measured with nih14-ensemble: 12-bit requantisation moves probabilities by "
-                   "0.008-0.021 and JPEG q95 by 0.035-0.063; the input handling is the same, the models' sensitivity "
-                   "to sub-8-bit changes (#11 item 0) is what fails the 0.02 bound")
+TWELVE_BIT = ("dicom12-mono2", "dicom12-window-full")
+
+
 @pytest.mark.parametrize("film", FILMS)
-def test_requantised_and_jpeg_copies_stay_within_0_02(service, tmp_path, film):
+def test_12_bit_copies_stay_within_0_02(service, tmp_path, film):
+    """12 bits requantise the 8-bit values (up to half a 12-bit step off): the shown, calibrated probabilities
+    stay within 0.02 (measured 0.004-0.016 over these films; the raw ones moved by up to 0.021)."""
     worst = _worst_changes(service, tmp_path, film)
+    assert max(worst[k] for k in TWELVE_BIT) <= 0.02, worst
+
+
+@pytest.mark.xfail(strict=True, reason="measured with nih14-ensemble's calibrated probabilities: JPEG q95 moves them by "
+                   "0.014-0.038 over these films; the input handling is the same, the models' sensitivity to small "
+                   "pixel changes (#11 item 0) is what fails the 0.02 bound")
+def test_jpeg_copies_stay_within_0_02(service, tmp_path):
+    worst = {film: _worst_changes(service, tmp_path / film, film)["jpeg95"] for film in FILMS}
     assert max(worst.values()) <= 0.02, worst

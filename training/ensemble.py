@@ -24,38 +24,12 @@ import numpy as np
 
 from cxr_demo import INTENDED_USE
 from cxr_demo.card import ModelCard, read_card, write_card
-from cxr_demo.ensemble import ENSEMBLE_ARCHITECTURE, MEMBER_SHARED_FIELDS, members_digest
-from cxr_demo.inference import predict_array
-from cxr_demo.zoo import load_checkpoint
-from training.data import cached_pixels
+from cxr_demo.ensemble import ENSEMBLE_ARCHITECTURE, members_digest
 from training.evaluate import evaluate_checkpoint
 from training.metrics import macro_auroc, macro_auroc_with_finding, tune_card_thresholds
-from training.robustness import validation_records
+from training.robustness import validation_predictions
 
 log = logging.getLogger(__name__)
-
-# The validation split's parameters and their training.train defaults (older cards omit val_fraction).
-SPLIT = {"val_fraction": 0.15, "seed": 0, "n_val": None}
-
-
-def validation_predictions(folders: list[Path]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Validation labels and each member's validation probabilities (one shared patient split).
-
-    Raises:
-        ValueError: the members do not share preprocessing, labels or validation split.
-    """
-    cards = [read_card(f) for f in folders]
-    for c in cards[1:]:
-        diff = [k for k in MEMBER_SHARED_FIELDS if getattr(c, k) != getattr(cards[0], k)]
-        diff += [k for k, d in SPLIT.items() if c.training.get(k, d) != cards[0].training.get(k, d)]
-        if diff:
-            raise ValueError(f"{c.name} differs from {cards[0].name} in {', '.join(diff)}")
-    val = validation_records(cards[0])
-    pixels = cached_pixels(val, cards[0].input_size, cards[0].crop)
-    y = np.stack([r.labels for r in val])
-    probs = {c.name: predict_array(load_checkpoint(f), pixels, c.mean, c.std, c.task_kind) for c, f in zip(cards, folders)}
-    return y, probs
-
 
 def greedy_selection(y: np.ndarray, probs: dict[str, np.ndarray]) -> tuple[list[str], list[dict]]:
     """Forward selection by validation macro AUROC of the averaged probabilities; returns the members and

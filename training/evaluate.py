@@ -5,7 +5,8 @@
 Writes ``eval.json`` (per-finding AUROC with bootstrap 95% CI and positive counts, macro AUROC,
 precision/recall/F1 and exact match at each operating point; for NIH, box IoU/IoBB over every
 radiologist box of the evaluation images; for multi-class tasks, accuracy and the confusion matrix)
-and ``roc.png`` beside the card, then copies the headline numbers into the card.
+and ``roc.png`` beside the card (with the card's calibration, also its before/after numbers and
+``reliability.png``: ``training.calibration``), then copies the headline numbers into the card.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 
 from cxr_demo import paths
 from cxr_demo.cam import compute_heatmap, explain_settings, resize_heatmap
-from cxr_demo.card import EVAL_FILE, EvalMetrics, read_card, write_card
+from cxr_demo.card import EVAL_FILE, PREDICTIONS_FILE, EvalMetrics, read_card, write_card
 from cxr_demo.inference import normalise_batch, predict_array
 from cxr_demo.zoo import load_checkpoint
 from training.data import add_data_root_argument, cached_pixels, nih_box_pairs, nih_boxes, study_halves
@@ -29,7 +30,6 @@ from training.tasks import load_task
 
 log = logging.getLogger(__name__)
 
-PREDICTIONS_FILE = "test_predictions.npz"
 
 
 def _roc_plot(Y: np.ndarray, P: np.ndarray, labels: list[str], aucs: list, path: Path, title: str) -> None:
@@ -158,6 +158,10 @@ def evaluate_checkpoint(folder: Path, data_root: Path | None = None, n_boot: int
         "localisation": boxes,
         "command": f"python -m training.evaluate {folder}",
     }
+    if card.calibration is not None:
+        from training.calibration import eval_section
+
+        result["calibration"] = eval_section(folder, card, Y, P)
     if card.task_kind == "multiclass":
         from sklearn.metrics import confusion_matrix
 

@@ -24,7 +24,7 @@ from cxr_demo.card import read_card
 from cxr_demo.paths import PROJECT_ROOT
 from cxr_demo.service import DemoService, is_reliable
 from cxr_demo.zoo import Zoo, ZooSource
-from training.ensemble import validation_predictions
+from training.robustness import validation_predictions
 
 
 def flag_rates(folder: Path) -> dict:

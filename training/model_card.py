@@ -14,6 +14,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCardData
 
+from cxr_demo.calibration import card_lines
 from cxr_demo.card import EVAL_FILE, NON_TIMM_ARCHITECTURES, ModelCard, read_card
 
 MODEL_CARD_FILE = "README.md"
@@ -94,6 +95,7 @@ def model_card(folder: Path) -> str:
         lines += ["", f"Source: `{EVAL_FILE}` in this repository (`{ev.get('command', 'python -m training.evaluate')}`).", ""]
     else:
         lines += ["## Evaluation", "", "Not evaluated: its performance is unknown.", ""]
+    lines += [line.replace("### ", "## ") for line in card_lines(card, ev or {}, "Plot: `reliability.png`.")[1:]] + [""]
     lines += ["## How to use", ""]
     if card.architecture in NON_TIMM_ARCHITECTURES:
         lines += ["Load it with this project's zoo (`cxr_demo.zoo.Zoo`), which verifies the weights' sha256 against "

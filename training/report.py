@@ -146,6 +146,7 @@ def model_zoo_doc(checkpoints: Path = DEFAULT_CHECKPOINTS) -> str:
             out.append(f"| {card.name} | {card.task} | {', '.join(card.label_names)} | {ev['accuracy']:.3f} | {_auc(ev)} | "
                        f"{ev['n_images']} | {'lung region' if card.crop else 'none'} |")
         out.append("")
+    out += calibration_section(entries)
     out += ["## Training runs", "", "| model | init | epochs run (best) | val macro AUROC | loss | lr | input | train seconds | command |",
             "|---|---|---|---|---|---|---|---|---|"]
     for _, card, _ in entries:
@@ -215,9 +216,50 @@ def model_zoo_doc(checkpoints: Path = DEFAULT_CHECKPOINTS) -> str:
     out += ["## Per-model files", ""]
     for folder, card, ev in entries:
         roc = f", [ROC](../checkpoints/{folder.name}/roc.png)" if (folder / "roc.png").is_file() else ""
+        if (folder / "reliability.png").is_file():
+            roc += f", [reliability](../checkpoints/{folder.name}/reliability.png)"
         out.append(f"- **{card.name}**: [card](../checkpoints/{folder.name}/config.json)"
                    + (f", [eval.json](../checkpoints/{folder.name}/{EVAL_FILE})" if ev else "") + roc)
     return "\n".join(out) + "\n"
+
+
+def calibration_section(entries) -> list[str]:
+    """docs/MODEL_ZOO.md's calibration tables: per model the method chosen on validation and ECE / Brier before and
+    after, out of fold on validation and on the test images (``eval.json``'s ``calibration``)."""
+    rows = [(c, e["calibration"]) for _, c, e in entries if e and e.get("calibration", {}).get("validation_out_of_fold")]
+    if not rows:
+        return []
+    out = ["## Calibration (post-hoc, fitted on validation only)", "",
+           "Written by `python -m training.calibration checkpoints/<model>`: identity, temperature and Platt scaling "
+           "(per finding) scored out of fold over 5 patient-disjoint folds of each model's validation images, the "
+           "lowest log loss chosen and refitted on all of them; the app, `/compare`, the batch tool and evaluation "
+           "show calibrated probabilities (raw ones stay in the JSON as `raw_probability`). ECE: 10 equal-width bins. "
+           "Before → after.", ""]
+    nih = [(c, k) for c, k in rows if c.task_kind == "multilabel"]
+    if nih:
+        k = nih[0][1]
+        out[-2] += (f" The NIH test images hold almost no normal films (mean label {k['test_before']['prevalence']:.3f} "
+                    f"per finding against {k['validation_out_of_fold']['before']['prevalence']:.3f} on validation), a "
+                    "shift no calibration fitted on realistic data can remove, so test ECE stays higher.")
+        out += ["| model | method | val OOF worst-finding ECE | val OOF pooled ECE | val OOF Brier | test worst-finding ECE "
+                "| test pooled ECE | test Brier |", "|---|---|---|---|---|---|---|---|"]
+        for c, k in nih:
+            v, tb, ta = k["validation_out_of_fold"], k["test_before"], k["test_after"]
+            cells = [f"{v['before'][m]:.3f} → {v['after'][m]:.3f}" for m in ("ece_max_over_findings", "ece_pooled", "brier")]
+            cells += [f"{tb[m]:.3f} → {ta[m]:.3f}" for m in ("ece_max_over_findings", "ece_pooled", "brier")]
+            out.append(f"| {c.name} | {k['method']} | " + " | ".join(cells) + " |")
+        out.append("")
+    other = [(c, k) for c, k in rows if c.task_kind == "multiclass"]
+    if other:
+        out += ["| model | method | val OOF top-class ECE | val OOF Brier | test top-class ECE | test Brier |",
+                "|---|---|---|---|---|---|"]
+        for c, k in other:
+            v, tb, ta = k["validation_out_of_fold"], k["test_before"], k["test_after"]
+            out.append(f"| {c.name} | {k['method']} | {v['before']['ece_top_class']:.3f} → {v['after']['ece_top_class']:.3f} "
+                       f"| {v['before']['brier']:.3f} → {v['after']['brier']:.3f} | {tb['ece_top_class']:.3f} → "
+                       f"{ta['ece_top_class']:.3f} | {tb['brier']:.3f} → {ta['brier']:.3f} |")
+        out.append("")
+    return out
 
 
 def finding_analysis_section(path: Path = ROOT / "docs" / "analysis" / "findings.json") -> list[str]:
@@ -264,7 +306,7 @@ def compute_tsne(folder: Path, out_dir: Path = TSNE_DIR, data_root: Path | None 
     from sklearn.manifold import TSNE
 
     from cxr_demo.inference import feature_array
-    from cxr_demo.zoo import PINS_FILE, load_checkpoint
+    from cxr_demo.zoo import load_checkpoint
     from training.data import cached_pixels
     from training.tasks import load_task
 

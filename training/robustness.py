@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from cxr_demo.card import ModelCard, read_card
+from cxr_demo.ensemble import MEMBER_SHARED_FIELDS
 from cxr_demo.inference import logits_to_probabilities, normalise, predict_array, unit_batch
 from cxr_demo.zoo import load_checkpoint
 from training.data import Record, add_data_root_argument, cached_pixels, patient_split
@@ -59,6 +60,29 @@ def validation_records(card: ModelCard, data_root: Path | None = None) -> list[R
         raise ValueError(f"{card.name}: could not re-make its validation split ({len(val)} images, card says "
                          f"{card.training['n_val']})")
     return val
+
+
+# The validation split's parameters and their training.train defaults (older cards omit val_fraction).
+SPLIT = {"val_fraction": 0.15, "seed": 0, "n_val": None}
+
+
+def validation_predictions(folders: list[Path]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Validation labels and each member's validation probabilities (one shared patient split).
+
+    Raises:
+        ValueError: the members do not share preprocessing, labels or validation split.
+    """
+    cards = [read_card(f) for f in folders]
+    for c in cards[1:]:
+        diff = [k for k in MEMBER_SHARED_FIELDS if getattr(c, k) != getattr(cards[0], k)]
+        diff += [k for k, d in SPLIT.items() if c.training.get(k, d) != cards[0].training.get(k, d)]
+        if diff:
+            raise ValueError(f"{c.name} differs from {cards[0].name} in {', '.join(diff)}")
+    val = validation_records(cards[0])
+    pixels = cached_pixels(val, cards[0].input_size, cards[0].crop)
+    y = np.stack([r.labels for r in val])
+    probs = {c.name: predict_array(load_checkpoint(f), pixels, c.mean, c.std, c.task_kind) for c, f in zip(cards, folders)}
+    return y, probs
 
 
 def measure(folder: Path, data_root: Path | None = None) -> dict:
