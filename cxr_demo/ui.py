@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import html
 import json
 import logging
+import os
+import shutil
+import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import numpy as np
+from PIL import Image
 
-from cxr_demo import INTENDED_USE
+from cxr_demo import INTENDED_USE, calibration
 from cxr_demo.cam import CAM_LABELS, PRIOR_LABELS, SLOW_CAM_METHODS, prior_text
 from cxr_demo.card import OPERATING_POINT_HELP, ModelCard
 from cxr_demo.groundtruth import boxed_findings, default_examples
@@ -20,6 +27,7 @@ from cxr_demo.images import IMAGE_SUFFIXES, XRay
 from cxr_demo.labels import display_name
 from cxr_demo.overlay import OUTLINE_COLOUR, PRED_COLOUR, TRUTH_COLOUR, colour_bar_css
 from cxr_demo.paths import PROJECT_ROOT
+from cxr_demo.report import report_pdf
 from cxr_demo.service import USER_ERRORS, DemoService
 from cxr_demo.uploads import UploadStore
 from cxr_demo.zoo import Zoo
@@ -89,7 +97,8 @@ def findings_html(doc: dict[str, Any]) -> str:
         '<div class="cxr-findings" style="overflow-x:auto;max-width:100%">'
         '<table style="width:100%;border-collapse:collapse;font-size:14px">',
         "<thead><tr><th style='text-align:left'>Finding</th><th class='cxr-bar' style='text-align:left;width:38%;min-width:90px'>"
-        "Probability (black tick = threshold)</th><th>probability</th><th>threshold</th><th>flag</th></tr></thead><tbody>",
+        f"Probability (black tick = threshold)</th><th>{'calibrated ' if doc.get('calibrated') else ''}probability</th>"
+        "<th>threshold</th><th>flag</th></tr></thead><tbody>",
     ]
     for r in rows:
         p = r["probability"]
@@ -117,7 +126,9 @@ def findings_html(doc: dict[str, Any]) -> str:
         lines.append(
             f"<tr class='{'flagged' if pos else 'not-flagged'}' style='border-bottom:1px solid #dee2e6'>"
             f"<td style='font-weight:{weight}'>{html.escape(display_name(r['name']))}</td><td class='cxr-bar'>{bar}</td>"
-            f"<td style='text-align:right'>{p:.3f}</td><td style='text-align:right'>{'' if t is None else f'{t:.3f}'}</td>"
+            f"<td style='text-align:right'>{p:.3f}</td><td style='text-align:right'>"
+            + ("<span title='a multi-class model has one decision rule: the most probable class is its answer'>top "
+               "class</span>" if t is None else f"{t:.3f}") + "</td>"
             f"<td style='text-align:center;white-space:nowrap'>{flag}</td></tr>"
         )
     lines.append("</tbody></table></div>")
@@ -127,6 +138,8 @@ def findings_html(doc: dict[str, Any]) -> str:
         "(hover a flag for its validation sensitivity, specificity and PPV). "
         f"<i>{html.escape(INTENDED_USE)}</i></p>"
     )
+    if doc.get("calibration_text"):
+        lines.append(f"<p style='color:#495057'>{html.escape(doc['calibration_text'])}</p>")
     unreliable = [display_name(r["name"]) for r in rows if r.get("reliable") is False]
     if unreliable:
         lines.append(f"<p style='color:#868e96'>Not reliable for this model (test AUROC 95% CI includes 0.5), so never "
@@ -179,6 +192,7 @@ def card_markdown(card: ModelCard, eval_path: Path | None) -> str:
         out.append("*No evaluation file: this model's performance is unknown.*")
     if card.limitations:
         out += ["", "### Limitations"] + [f"- {line}" for line in card.limitations]
+    out += calibration.card_lines(card, ev if m is not None else {}, "The reliability plot is below this card.")
     out += ["", "### Operating points"] + [f"- `{k}`: {v}" for k, v in OPERATING_POINT_HELP.items() if k in card.operating_points]
     out += flags_per_image_lines(card)
     out += ["", "### Changelog"] + [f"- {c}" for c in card.changelog]
@@ -202,6 +216,34 @@ def flags_per_image_lines(card: ModelCard) -> list[str]:
             "on these images, so the rates are optimistic)."]
 
 
+REPORT_LIFETIME_S = 120
+
+
+def write_report(pdf: bytes, model_name: str) -> str:
+    """``pdf`` in a private folder of the app's temporary directory, as ``cxr-report-<model>-<UTC time>.pdf`` (no
+    patient file name); the folder is removed after :data:`REPORT_LIFETIME_S` (Gradio serves its own copy, which
+    its cache cleaner removes)."""
+    folder = Path(tempfile.mkdtemp(prefix="report-", dir=os.environ.get("GRADIO_TEMP_DIR") or None))
+    path = folder / f"cxr-report-{model_name}-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}.pdf"
+    path.write_bytes(pdf)
+    timer = threading.Timer(REPORT_LIFETIME_S, shutil.rmtree, args=(folder,), kwargs={"ignore_errors": True})
+    timer.daemon = True
+    timer.start()
+    return str(path)
+
+
+def reliability_image(folder: Path) -> np.ndarray | None:
+    """The model's reliability plot (``reliability.png`` beside its card), when it has one."""
+    path = folder / "reliability.png"
+    if not path.is_file():
+        return None
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError):
+        return None
+
+
 class Handlers:
     """The app's event handlers: Gradio values in, Gradio values out, user errors as ``gr.Error``.
 
@@ -219,7 +261,7 @@ class Handlers:
     def model_info(self, name: str | None):
         """Summary, operating points, findings and card of the chosen model."""
         if not name or name not in self.zoo.cards:
-            return "", gr.update(), gr.update(), ""
+            return "", gr.update(), gr.update(), "", None
         card = self.zoo.cards[name]
         ops = card.operating_points
         return (
@@ -228,13 +270,14 @@ class Handlers:
             gr.update(choices=[MOST_PROBABLE] + [(display_name(lab), lab) for lab in card.label_names],
                       value=MOST_PROBABLE),
             card_markdown(card, self.zoo.eval_file(name)),
+            reliability_image(self.zoo.eval_file(name).parent),
         )
 
     @staticmethod
     def cleared_results() -> tuple:
         """Every result view emptied: findings, findings JSON, overlay, explain JSON and note, compare view
-        and JSON. A new film (or none) must never sit next to the previous film's results."""
-        return FINDINGS_PLACEHOLDER, None, None, None, HEATMAP_PLACEHOLDER, COMPARE_PLACEHOLDER, None
+        and JSON, PDF report. A new film (or none) must never sit next to the previous film's results."""
+        return FINDINGS_PLACEHOLDER, None, None, None, HEATMAP_PLACEHOLDER, COMPARE_PLACEHOLDER, None, None
 
     @user_errors_as_gr_error
     def on_upload(self, path: str | None, model_name: str | None, state: XRay | None):
@@ -274,6 +317,18 @@ class Handlers:
         """Probability, threshold and flag for every finding of the chosen model."""
         pred = self.service.predict(self.store.take(path, state), model_name, operating_point)
         return pred.document, findings_html(pred.document)
+
+    @user_errors_as_gr_error
+    def report(self, path: str | None, model_name: str, operating_point: str, finding: str | None = None,
+               method: str = "default", ground_truth_box: str = "", state: XRay | None = None) -> str:
+        """A one-page PDF of this film's analysis (findings, heatmap of the chosen finding with the model's studied
+        settings, model and weights hash, date, disclaimer); the file is deleted two minutes after it is made."""
+        xray = self.store.take(path, state)
+        pred = self.service.predict(xray, model_name, operating_point)
+        overlay, explained = self.service.explain(xray, model_name, None if finding in ("", MOST_PROBABLE) else finding,
+                                                  method or "default", ground_truth_box or None)
+        pdf = report_pdf(pred.document, pred.card, xray.to_uint8(), overlay, explained, xray.name)
+        return write_report(pdf, pred.card.name)
 
     @user_errors_as_gr_error
     def explain(self, path: str | None, model_name: str, finding: str | None, method: str, ground_truth_box: str = "",
@@ -429,6 +484,10 @@ def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.
             with gr.Column(scale=3, min_width=320):
                 with gr.Tab("Findings"):
                     findings = gr.HTML(FINDINGS_PLACEHOLDER, label="Findings")
+                    with gr.Row():
+                        report_btn = gr.Button("Make a PDF report (findings + heatmap)", size="sm", min_width=160)
+                        report_file = gr.File(label="PDF report (kept 2 minutes)", interactive=False, height=60,
+                                              min_width=160)
                     with gr.Accordion("JSON", open=False):
                         findings_json = gr.JSON(label="predict result")
                 with gr.Tab("Heatmap"):
@@ -465,10 +524,12 @@ def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.
                     compare_json = gr.JSON(visible=False)
                 with gr.Tab("Model card"):
                     card_md = gr.Markdown()
+                    reliability_plot = gr.Image(label="Reliability: raw and calibrated probabilities", type="numpy",
+                                                interactive=False, format="png", buttons=[])
 
-        results = [findings, findings_json, overlay, explain_json, explain_note, compare_table, compare_json]
-        model.change(handlers.model_info, [model], [model_summary, op, finding, card_md], api_visibility="private")
-        demo.load(handlers.model_info, [model], [model_summary, op, finding, card_md], api_visibility="private")
+        results = [findings, findings_json, overlay, explain_json, explain_note, compare_table, compare_json, report_file]
+        model.change(handlers.model_info, [model], [model_summary, op, finding, card_md, reliability_plot], api_visibility="private")
+        demo.load(handlers.model_info, [model], [model_summary, op, finding, card_md, reliability_plot], api_visibility="private")
         # A new or cleared film clears every result, then (when there is a film) the analysis starts at once.
         upload.change(handlers.on_upload, [upload, model, image_state],
                       [preview, finding, image_note, image_state, *results], api_visibility="private").success(
@@ -494,6 +555,8 @@ def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.
                                                               box_threshold, image_state],
                              [overlay, explain_json, explain_note], api_name="explain", concurrency_id="model",
                              concurrency_limit=1)
+        report_btn.click(handlers.report, [upload, model, op, finding, method, gt_box, image_state], report_file,
+                         api_name="report", concurrency_id="model", concurrency_limit=1)
         compare_btn.click(handlers.compare, [upload, op, model, image_state], [compare_table, compare_json],
                           api_name="compare", concurrency_id="model", concurrency_limit=1)
     return demo

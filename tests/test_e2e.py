@@ -136,7 +136,8 @@ def test_bad_input_is_an_error_sentence_and_the_app_keeps_serving(client, model_
     data, expected = BAD[name]
     bad = tmp_path / name
     bad.write_bytes(data)
-    for api, args in (("/predict", (model_name, "f1")), ("/explain", (model_name, "", "gradcam"))):
+    for api, args in (("/predict", (model_name, "f1")), ("/explain", (model_name, "", "gradcam")),
+                      ("/report", (model_name, "f1"))):
         with pytest.raises(Exception) as info:
             client.predict(handle_file(str(bad)), *args, api_name=api)
         assert expected in str(info.value), str(info.value)
@@ -184,6 +185,37 @@ def test_bad_explain_arguments_are_refused(client, model_name, tmp_path, finding
     with pytest.raises(Exception, match=expected):
         client.predict(handle_file(str(good)), model_name, finding, method, box, opacity, threshold,
                        api_name="/explain")
+
+
+@needs_nih
+def test_report_is_a_one_page_pdf_with_the_findings_the_model_and_the_box(client, model_name):
+    """/report returns a PDF (opened here with pypdf) that holds the film's findings as /predict gives them, the
+    model's name and weights hash, the operating point, the radiologist's box overlap and the disclaimer."""
+    from pypdf import PdfReader
+
+    from cxr_demo import INTENDED_USE
+    from cxr_demo.labels import display_name
+
+    doc, _ = client.predict(handle_file(str(BOXED)), model_name, "f1", api_name="/predict")
+    path = client.predict(handle_file(str(BOXED)), model_name, "f1", "Atelectasis", "default", "",
+                          api_name="/report")
+    data = Path(path).read_bytes()
+    assert data.startswith(b"%PDF-") and b"%%EOF" in data[-64:]
+    reader = PdfReader(io.BytesIO(data))
+    assert len(reader.pages) == 1
+    text = " ".join(reader.pages[0].extract_text().split())
+    assert model_name in text and "Operating point: f1" in text and INTENDED_USE in text
+    from cxr_demo.card import read_card
+    from cxr_demo.zoo import DEFAULT_CHECKPOINTS
+
+    assert read_card(DEFAULT_CHECKPOINTS / model_name).sha256 in text
+    for row in doc["findings"]:
+        line = f"{display_name(row['name'])} {row['probability']:.3f} {row['threshold']:.3f}"
+        assert line in text, line
+        if row["positive"]:
+            assert f"{line} POSITIVE" in text
+    assert "IoU with the radiologist's box" in text and "Atelectasis" in text
+    assert "00013118_008.png" in text
 
 
 def test_compare_runs_every_model_of_the_chosen_models_task(client, tmp_path):

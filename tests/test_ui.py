@@ -51,7 +51,7 @@ def test_a_new_or_cleared_film_clears_every_result_view(zoo, tmp_path):
     handlers = Handlers(zoo, default_examples())
     out = handlers.on_upload(_png(tmp_path / "a.png"), zoo.names[0], None)
     assert out[3] is not None
-    assert out[4:] == (FINDINGS_PLACEHOLDER, None, None, None, HEATMAP_PLACEHOLDER, COMPARE_PLACEHOLDER, None)
+    assert out[4:] == (FINDINGS_PLACEHOLDER, None, None, None, HEATMAP_PLACEHOLDER, COMPARE_PLACEHOLDER, None, None)
     cleared = handlers.on_upload(None, zoo.names[0], out[3])
     assert cleared[0] is None and cleared[3] is None and cleared[4:] == out[4:]
 
@@ -93,3 +93,18 @@ def test_overlay_is_the_films_resolution_up_to_1024(tmp_path):
     assert overlay.shape == (819, 1024, 3)
     small, _ = service.explain(read_xray(_png(tmp_path / "s.png", 300)), "tiny", None, "gradcam")
     assert small.shape == (300, 300, 3)
+
+
+def test_card_view_shows_the_calibration_and_its_plot_and_the_table_says_what_is_shown(zoo, tmp_path):
+    name = zoo.names[0]
+    info = Handlers(zoo, []).model_info(name)
+    assert "### Calibration" in info[3] and "Platt" in info[3] and "out of fold" in info[3] and "→" in info[3]
+    assert isinstance(info[4], np.ndarray) and info[4].ndim == 3  # reliability.png under the card
+    handlers = Handlers(zoo, [])
+    doc, html = handlers.predict(_png(tmp_path / "a.png"), name, "f1")
+    import html as html_lib
+
+    assert "calibrated probability" in html and html_lib.escape(doc["calibration_text"]) in html
+    paediatric = next(n for n in zoo.names if zoo.cards[n].task_kind == "multiclass")
+    doc, html = handlers.predict(_png(tmp_path / "b.png"), paediatric, "")
+    assert "top class" in html and all(r["threshold_note"] for r in doc["findings"])

@@ -344,10 +344,10 @@ def montage(folder: Path, out: Path | None = None) -> Path:
     """The lung outline (magenta) and the closed chest region's edge (yellow) on the shipped NIH example films,
     for a check by eye: artifacts/lungs-nih-examples.png (git-ignored: it holds NIH pixels, which the project
     never commits outside examples/)."""
-    from cxr_demo.groundtruth import EXAMPLES_DIR
-    from cxr_demo.images import read_xray
     from scipy import ndimage
 
+    from cxr_demo.groundtruth import EXAMPLES_DIR
+    from cxr_demo.images import read_xray
     from cxr_demo.lungs import thorax_region, to_image_frame
     from cxr_demo.overlay import render_overlay
 
