@@ -29,7 +29,7 @@ from cxr_demo.overlay import OUTLINE_COLOUR, PRED_COLOUR, TRUTH_COLOUR, colour_b
 from cxr_demo.paths import PROJECT_ROOT
 from cxr_demo.report import report_pdf
 from cxr_demo.service import USER_ERRORS, DemoService
-from cxr_demo.uploads import UploadStore
+from cxr_demo.uploads import MAX_FILES_PER_UPLOAD, UploadGuard, UploadStore, client_identity
 from cxr_demo.zoo import Zoo
 
 log = logging.getLogger(__name__)
@@ -232,6 +232,14 @@ def write_report(pdf: bytes, model_name: str) -> str:
     return str(path)
 
 
+def who(request: gr.Request | None) -> str | None:
+    """The client behind a request (None when called without a server: tests, scripts)."""
+    if request is None:
+        return None
+    client = getattr(request, "client", None)
+    return client_identity(request.headers or {}, getattr(client, "host", None))
+
+
 def reliability_image(folder: Path) -> np.ndarray | None:
     """The model's reliability plot (``reliability.png`` beside its card), when it has one."""
     path = folder / "reliability.png"
@@ -280,12 +288,13 @@ class Handlers:
         return FINDINGS_PLACEHOLDER, None, None, None, HEATMAP_PLACEHOLDER, COMPARE_PLACEHOLDER, None, None
 
     @user_errors_as_gr_error
-    def on_upload(self, path: str | None, model_name: str | None, state: XRay | None):
+    def on_upload(self, path: str | None, model_name: str | None, state: XRay | None,
+                  request: gr.Request | None = None):
         """Decode a new upload (or a cleared one): preview, the finding the radiologist boxed, a note, the
         session's image, and every result view cleared."""
         if not path:
             return (None, gr.update(), "", None, *self.cleared_results())
-        xray = self.store.take(path, state)
+        xray = self.store.take(path, state, who(request))
         boxed = boxed_findings(xray.name)
         note = f"{xray.source_format}, {xray.width} x {xray.height} px."
         if boxed:
@@ -296,12 +305,13 @@ class Handlers:
             update = gr.update(value=boxed[0])
         return (xray.to_uint8(), update, note, xray, *self.cleared_results())
 
-    def predict_new_film(self, path: str | None, model_name: str, operating_point: str, state: XRay | None = None):
+    def predict_new_film(self, path: str | None, model_name: str, operating_point: str, state: XRay | None = None,
+                         request: gr.Request | None = None):
         """The findings of a film just uploaded; nothing to do when the film was cleared (``on_upload`` has
         emptied the views already)."""
         if not path:
             return gr.update(), gr.update()
-        return self.predict(path, model_name, operating_point, state)
+        return self.predict(path, model_name, operating_point, state, request)
 
     def pick_example(self, evt: gr.SelectData) -> str:
         """The example film whose thumbnail was clicked, into the upload box (which starts the analysis)."""
@@ -312,18 +322,19 @@ class Handlers:
         return self.service.models()
 
     @user_errors_as_gr_error
-    def predict(self, path: str | None, model_name: str, operating_point: str, state: XRay | None = None
-                ) -> tuple[dict, str]:
+    def predict(self, path: str | None, model_name: str, operating_point: str, state: XRay | None = None,
+                request: gr.Request | None = None) -> tuple[dict, str]:
         """Probability, threshold and flag for every finding of the chosen model."""
-        pred = self.service.predict(self.store.take(path, state), model_name, operating_point)
+        pred = self.service.predict(self.store.take(path, state, who(request)), model_name, operating_point)
         return pred.document, findings_html(pred.document)
 
     @user_errors_as_gr_error
     def report(self, path: str | None, model_name: str, operating_point: str, finding: str | None = None,
-               method: str = "default", ground_truth_box: str = "", state: XRay | None = None) -> str:
+               method: str = "default", ground_truth_box: str = "", state: XRay | None = None,
+               request: gr.Request | None = None) -> str:
         """A one-page PDF of this film's analysis (findings, heatmap of the chosen finding with the model's studied
         settings, model and weights hash, date, disclaimer); the file is deleted two minutes after it is made."""
-        xray = self.store.take(path, state)
+        xray = self.store.take(path, state, who(request))
         pred = self.service.predict(xray, model_name, operating_point)
         overlay, explained = self.service.explain(xray, model_name, None if finding in ("", MOST_PROBABLE) else finding,
                                                   method or "default", ground_truth_box or None)
@@ -333,29 +344,30 @@ class Handlers:
     @user_errors_as_gr_error
     def explain(self, path: str | None, model_name: str, finding: str | None, method: str, ground_truth_box: str = "",
                 opacity: float = 0.5, box_threshold: float = 0.0, prior: str = "default", lung_outline: bool = False,
-                state: XRay | None = None):
+                state: XRay | None = None, request: gr.Request | None = None):
         """Heatmap overlay for one finding, its box, and IoU/IoBB against ground truth when there is one; the
         heatmap restricted to the chest (anatomical prior) and the lungs outlined on request."""
         if finding in ("", MOST_PROBABLE):
             finding = None
-        overlay, doc = self.service.explain(self.store.take(path, state), model_name, finding, method,
+        overlay, doc = self.service.explain(self.store.take(path, state, who(request)), model_name, finding, method,
                                             ground_truth_box, opacity, box_threshold, prior, lung_outline)
         return overlay, doc, explain_markdown(doc)
 
     def explain_studied_prior(self, path: str | None, model_name: str, finding: str | None, method: str,
                               ground_truth_box: str = "", opacity: float = 0.5, box_threshold: float = 0.0,
-                              state: XRay | None = None):
+                              state: XRay | None = None, request: gr.Request | None = None):
         """``/explain`` as it was before the anatomical prior (seven values): the model's studied prior, no
         outline, so HTTP callers that send every value keep working; ``/explain_prior`` takes both."""
         return self.explain(path, model_name, finding, method, ground_truth_box, opacity, box_threshold,
-                            "default", False, state)
+                            "default", False, state, request)
 
     @user_errors_as_gr_error
     def compare(self, path: str | None, operating_point: str, model_name: str | None = None,
-                state: XRay | None = None, progress=gr.Progress()) -> tuple[str, dict]:
+                state: XRay | None = None, progress=gr.Progress(), request: gr.Request | None = None
+                ) -> tuple[str, dict]:
         """Every zoo model of the chosen model's task on the same film (the default model's task when no model
         is given), probabilities side by side with each model's operating point and flags."""
-        xray = self.store.take(path, state)
+        xray = self.store.take(path, state, who(request))
         names = self.zoo.names
         task = self.zoo.card(model_name).task if model_name else (self.zoo.cards[names[0]].task if names else None)
         results = {}
@@ -568,6 +580,10 @@ def configure_queue(demo: gr.Blocks) -> gr.Blocks:
 
 
 def launch_kwargs() -> dict[str, Any]:
-    """Arguments for ``demo.launch``: upload limit, and file access to the example films only (not their folder)."""
+    """Arguments for ``demo.launch``: upload size limit, the upload guard (who uploaded what; at most a few files
+    per upload request), and file access to the example films only (not their folder)."""
+    from starlette.middleware import Middleware
+
     return {"max_file_size": MAX_FILE_SIZE, "css": APP_CSS,
+            "app_kwargs": {"middleware": [Middleware(UploadGuard, max_files=MAX_FILES_PER_UPLOAD)]},
             "allowed_paths": sorted(str(Path(p).resolve()) for p in default_examples())}

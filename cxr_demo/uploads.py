@@ -2,23 +2,130 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 
 from gradio.utils import get_upload_folder
 
-from cxr_demo.images import XRay, read_xray
+from cxr_demo.images import ImageInputError, XRay, read_xray
 
 # Decoded uploads remembered for concurrent identical requests (see UploadStore): a bounded cache.
 RECENT_UPLOAD_BYTES = 16 * 2**20
 RECENT_UPLOAD_SECONDS = 60.0
 
 
+NOT_YOUR_UPLOAD = ("This file is not an upload of this client, or its upload is over a minute old; please upload "
+                   "the film again.")
+# One upload request may carry at most this many files (the app needs one): more are deleted and refused.
+MAX_FILES_PER_UPLOAD = 4
+
+
 def now() -> float:
     """The remembered uploads' clock (a module function, so tests can drive it)."""
     return time.monotonic()
+
+
+def client_identity(headers: Mapping[str, str], host: str | None) -> str:
+    """Who sent a request: the first X-Forwarded-For address (behind a Space's proxy), else the peer address."""
+    forwarded = (headers.get("x-forwarded-for") or "").split(",")[0].strip()
+    return forwarded or host or "unknown"
+
+
+class UploadLedger:
+    """Which client uploaded which file (by resolved path), for :data:`RECENT_UPLOAD_SECONDS`.
+
+    A decoded upload that was remembered for identical concurrent requests is handed only to a client that
+    uploaded those bytes itself: a path seen in a log and replayed by someone else gets nothing.
+    """
+
+    def __init__(self) -> None:
+        self._by_path: dict[str, dict[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def record(self, paths: list[str], who: str) -> None:
+        t = now()
+        with self._lock:
+            for key in list(self._by_path):
+                self._by_path[key] = {w: s for w, s in self._by_path[key].items() if t - s <= RECENT_UPLOAD_SECONDS}
+                if not self._by_path[key]:
+                    del self._by_path[key]
+            for p in paths:
+                self._by_path.setdefault(str(Path(p).resolve()), {})[who] = t
+
+    def uploaded(self, key: str, who: str) -> bool:
+        with self._lock:
+            seen = self._by_path.get(key, {}).get(who)
+        return seen is not None and now() - seen <= RECENT_UPLOAD_SECONDS
+
+
+LEDGER = UploadLedger()
+
+
+class UploadGuard:
+    """ASGI middleware on Gradio's upload route: records who uploaded each file (:data:`LEDGER`) and refuses a
+    request carrying more than :data:`MAX_FILES_PER_UPLOAD` files (they are deleted once Gradio has stored
+    them; the answer is 413 with a sentence)."""
+
+    def __init__(self, app, max_files: int = MAX_FILES_PER_UPLOAD) -> None:
+        self.app = app
+        self.max_files = max_files
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].rstrip("/").endswith("/upload"):
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        who = client_identity(headers, (scope.get("client") or (None,))[0])
+        start: dict = {}
+        body: list[bytes] = []
+        stored: list[str] = []
+
+        async def send_checked(message):
+            if message["type"] == "http.response.start":
+                start.update(message)  # held back until the body says how many files were stored
+                return
+            if message["type"] != "http.response.body":
+                await send(message)
+                return
+            body.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            data = b"".join(body)
+            paths = []
+            if start.get("status") == 200:
+                try:
+                    paths = [p for p in json.loads(data) if isinstance(p, str)]
+                except (ValueError, TypeError):
+                    paths = []
+            if len(paths) > self.max_files:
+                stored.extend(paths)
+                data = (f"At most {self.max_files} files per upload request; this one carried {len(paths)} and "
+                        "none was kept.").encode()
+                start.update(status=413, headers=[(b"content-type", b"text/plain; charset=utf-8"),
+                                                  (b"content-length", str(len(data)).encode())])
+            elif paths:
+                LEDGER.record(paths, who)
+            await send(start)
+            await send({"type": "http.response.body", "body": data, "more_body": False})
+
+        await self.app(scope, receive, send_checked)
+        # Gradio moves the files into place in background work that may end after the response: look for them
+        # a few times (the client has its 413 already).
+        for attempt in range(20):
+            for p in stored:
+                Path(p).unlink(missing_ok=True)
+                try:
+                    Path(p).parent.rmdir()
+                except OSError:
+                    pass
+            if attempt >= 4 and not any(Path(p).exists() for p in stored):
+                break
+            await asyncio.sleep(0.25)
 
 
 class UploadStore:
@@ -92,13 +199,18 @@ class UploadStore:
         with self._lock:
             return len(self._recent)
 
-    def take(self, path: str | None, state: XRay | None) -> XRay:
+    def take(self, path: str | None, state: XRay | None, who: str | None = None) -> XRay:
         """The image to analyse: a fresh upload (decoded, then deleted), else the session's decoded one.
+
+        ``who`` (the client, :func:`client_identity`; None outside a server) must have uploaded the file itself
+        to be handed a remembered decode of it.
 
         Raises:
             ImageInputError: nothing uploaded, or the file is not a readable chest X-ray.
         """
         key = self._upload_key(path) if path else None
+        if key is not None and who is not None and not LEDGER.uploaded(key, who):
+            raise ImageInputError(NOT_YOUR_UPLOAD)
         if key is not None:
             recent = self._recall(key)
             if recent is not None:
