@@ -7,6 +7,7 @@ on; odd-but-usable inputs decode with a warning instead.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,12 @@ class XRay:
     source_format: str
     warnings: list[str] = field(default_factory=list)
     name: str = ""  # the uploaded file's name (used to look up NIH boxes), never its server path
+    tag_name: str = ""  # an NIH image name that a DICOM carries in its text tags (looked up when ``name`` is not one)
+
+    @property
+    def box_name(self) -> str:
+        """The name to look radiologist boxes up by: the file's own, or the NIH name its DICOM tags carry."""
+        return self.tag_name if self.tag_name and not NIH_NAME.search(self.name) else self.name
 
     @property
     def height(self) -> int:
@@ -109,6 +116,23 @@ def _check_geometry(width: int, height: int, file_bytes: int | None = None) -> N
             f"The image is {width} x {height} pixels, far too elongated to be a chest X-ray "
             f"(aspect ratio above {MAX_ASPECT:g})."
         )
+
+
+NIH_NAME = re.compile(r"\b\d{8}_\d{3}\.(?:png|jpe?g|dcm)\b", re.IGNORECASE)
+# Text tags where an exporter may keep the source image's file name.
+NAME_TAGS = ("ImageComments", "DerivationDescription", "SeriesDescription", "StudyDescription", "ContentLabel",
+             "ReferencedFileID", "PatientID", "AccessionNumber")
+
+
+def dicom_nih_name(ds) -> str:
+    """An NIH ChestX-ray14 image name (``00013118_008.png``) found in a DICOM's text tags, else ''."""
+    for tag in NAME_TAGS:
+        value = ds.get(tag)
+        text = "\\".join(map(str, value)) if isinstance(value, list | tuple) else str(value or "")
+        match = NIH_NAME.search(text[:500])
+        if match:
+            return match.group(0)[:12] + ".png"
+    return ""
 
 
 def _read_dicom(path: Path) -> XRay:
@@ -191,7 +215,11 @@ def _read_dicom(path: Path) -> XRay:
     pixels = _dicom_to_unit(np.asarray(arr), ds, windowed, identity_modality, notes)
     if photometric == "MONOCHROME1":
         pixels = 1.0 - pixels  # MONOCHROME1: low values are white
-    return XRay(pixels=pixels, source_format="DICOM", warnings=notes)
+    tag_name = dicom_nih_name(ds)
+    if tag_name:
+        notes.append(f"The DICOM tags name the NIH image {tag_name}; its radiologist boxes are used when the file's "
+                     "own name is not an NIH name.")
+    return XRay(pixels=pixels, source_format="DICOM", warnings=notes, tag_name=tag_name)
 
 
 def _dicom_to_unit(arr: np.ndarray, ds, windowed: bool, identity_modality: bool, notes: list[str]) -> np.ndarray:

@@ -295,7 +295,7 @@ class Handlers:
         if not path:
             return (None, gr.update(), "", None, *self.cleared_results())
         xray = self.store.take(path, state, who(request))
-        boxed = boxed_findings(xray.name)
+        boxed = boxed_findings(xray.box_name)
         note = f"{xray.source_format}, {xray.width} x {xray.height} px."
         if boxed:
             note += f" Radiologist boxes available for: {', '.join(map(display_name, boxed))}."

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -58,3 +59,23 @@ def test_radiologist_boxes_are_found_whatever_the_extension(name):
     from cxr_demo.groundtruth import boxed_findings
 
     assert boxed_findings(name) == ["Atelectasis"] and len(nih_boxes_for(name, 384, 384)) == 1
+
+
+@pytest.mark.parametrize("tag", ["ImageComments", "StudyDescription", "PatientID"])
+def test_a_dicom_that_names_the_nih_image_in_its_tags_finds_its_boxes(tmp_path, tag):
+    """#13 item 4: an exported DICOM whose file name says nothing ('scan.dcm') but whose tags carry the NIH name."""
+    import pydicom
+
+    from cxr_demo.images import read_xray
+    from tests.test_images import write_dicom
+
+    path = write_dicom(tmp_path / "scan.dcm", (np.arange(128 * 128).reshape(128, 128) % 4096).astype(np.uint16))
+    ds = pydicom.dcmread(path)
+    setattr(ds, tag, "exported from 00013118_008.png by a viewer")
+    ds.save_as(path, enforce_file_format=True)
+    xray = read_xray(path)
+    assert xray.name == "scan.dcm" and xray.box_name == "00013118_008.png"
+    assert any("00013118_008.png" in w for w in xray.warnings)
+    assert len(nih_boxes_for(xray.box_name, xray.width, xray.height)) == 1
+    plain = read_xray(write_dicom(tmp_path / "plain.dcm", (np.arange(128 * 128).reshape(128, 128) % 977).astype(np.uint16)))
+    assert plain.tag_name == "" and plain.box_name == "plain.dcm"
