@@ -20,31 +20,61 @@ OOD_FILE = "ood.safetensors"
 
 @dataclass
 class OODDetector:
-    """PCA-whitened Mahalanobis distance to the training features."""
+    """PCA-whitened Mahalanobis distance to the training features, and optionally a linear population check.
+
+    The population check is a logistic regression on the same standardised features that tells the model's own
+    training films from films of other populations (e.g. children's films for an adult model); it has its own
+    threshold. A film is an outlier when either score exceeds its threshold.
+    """
 
     mean: np.ndarray  # (d,)
     components: np.ndarray  # (d, k)
     variances: np.ndarray  # (k,)
     threshold: float
+    population_weights: np.ndarray | None = None  # (d,) on standardised features
+    population_bias: float = 0.0
+    population_scale: np.ndarray | None = None  # (d,) feature std of the training films
+    population_threshold: float = float("inf")
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distance of each row of ``features`` (n, d)."""
         z = (np.asarray(features, np.float64) - self.mean) @ self.components
         return np.sum(z * z / self.variances, axis=1)
 
+    def population_score(self, features: np.ndarray) -> np.ndarray:
+        """The population check's logit (high: like another population's films); -inf without one."""
+        f = np.asarray(features, np.float64)
+        if self.population_weights is None:
+            return np.full(len(f), -np.inf)
+        return ((f - self.mean) / self.population_scale) @ self.population_weights + self.population_bias
+
+    def outlier_kinds(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per row: (far from the training films, like another population's films)."""
+        return self.score(features) > self.threshold, self.population_score(features) > self.population_threshold
+
     def is_outlier(self, features: np.ndarray) -> np.ndarray:
-        return self.score(features) > self.threshold
+        far, other = self.outlier_kinds(features)
+        return far | other
 
     def save(self, path: Path) -> None:
-        save_file({"mean": self.mean.astype(np.float32), "components": self.components.astype(np.float32),
-                   "variances": self.variances.astype(np.float32),
-                   "threshold": np.array([self.threshold], np.float64)}, str(path))
+        tensors = {"mean": self.mean.astype(np.float32), "components": self.components.astype(np.float32),
+                   "variances": self.variances.astype(np.float32), "threshold": np.array([self.threshold], np.float64)}
+        if self.population_weights is not None:
+            tensors.update({"population_weights": self.population_weights.astype(np.float64),
+                            "population_scale": self.population_scale.astype(np.float64),
+                            "population_bias_threshold": np.array([self.population_bias, self.population_threshold])})
+        save_file(tensors, str(path))
 
     @classmethod
     def load(cls, path: Path) -> OODDetector:
         t = load_file(str(path))
-        return cls(t["mean"].astype(np.float64), t["components"].astype(np.float64), t["variances"].astype(np.float64),
-                   float(t["threshold"][0]))
+        det = cls(t["mean"].astype(np.float64), t["components"].astype(np.float64), t["variances"].astype(np.float64),
+                  float(t["threshold"][0]))
+        if "population_weights" in t:
+            det.population_weights = t["population_weights"].astype(np.float64)
+            det.population_scale = t["population_scale"].astype(np.float64)
+            det.population_bias, det.population_threshold = (float(v) for v in t["population_bias_threshold"])
+        return det
 
     @classmethod
     def fit(cls, features: np.ndarray, k: int = 32) -> OODDetector:

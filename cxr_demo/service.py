@@ -40,6 +40,13 @@ log = logging.getLogger(__name__)
 LOW_PROBABILITY = 0.2
 OOD_WARNING = ("This image looks unlike the chest X-rays this model was trained on (out-of-distribution check); "
                "its findings may be meaningless.")
+OTHER_POPULATION = ("This film looks like films of another population than the {population} this model was trained "
+                    "on (e.g. an adult film given to a paediatric model): its answer may be meaningless here; choose a "
+                    "model trained on films like this one.")
+# Whom each task's models were trained on, in words.
+TASK_POPULATION = {"nih14": "adult NIH ChestX-ray14 films", "kermany2": "paediatric films (children aged 1-5)",
+                   "kermany3": "paediatric films (children aged 1-5)",
+                   "covid3": "COVID-19 collection films (COVID-19, 'Normal' and paediatric viral pneumonia)"}
 
 NOT_RELIABLE = ("not reliable for this model: its test AUROC's 95% CI includes 0.5 (no better than chance), "
                 "so it is never flagged")
@@ -171,8 +178,14 @@ class DemoService:
             with torch.inference_mode():
                 features, logits = features_and_logits(model, x)  # one pass: findings and the OOD check
         probs = logits_to_probabilities(logits, card.task_kind)[0].float().numpy()
-        if detector is not None and bool(detector.is_outlier(features.float().numpy())[0]):
-            warnings.append(OOD_WARNING)
+        ood = {"checked": detector is not None, "far_from_training_films": None, "other_population": None}
+        if detector is not None:
+            far, other = (bool(v[0]) for v in detector.outlier_kinds(features.float().numpy()))
+            ood.update(far_from_training_films=far, other_population=other)
+            if far:
+                warnings.append(OOD_WARNING)
+            if other:
+                warnings.append(OTHER_POPULATION.format(population=TASK_POPULATION.get(card.task, "films")))
         findings = self._with_meaning(card, findings_table(card, probs, op), op)
         problem = self.chest_problem(xray)
         if problem is not None:
@@ -192,6 +205,7 @@ class DemoService:
             "findings": findings,
             "warnings": warnings,
             "chest_check": {"checked": self.lungs is not None, "problem": problem},
+            "out_of_distribution": ood,
         }
         return Prediction(doc, xray, card)
 
@@ -289,7 +303,7 @@ class DemoService:
         if typed:
             truth, source = typed, "typed by user"
         else:
-            nih = nih_boxes_for(xray.name, xray.width, xray.height)
+            nih = nih_boxes_for(xray.box_name, xray.width, xray.height)
             truth = [b for f, b in nih if f == finding]
             if truth:
                 source = "NIH BBox_List_2017.csv"

@@ -195,8 +195,31 @@ def card_markdown(card: ModelCard, eval_path: Path | None) -> str:
     out += calibration.card_lines(card, ev if m is not None else {}, "The reliability plot is below this card.")
     out += ["", "### Operating points"] + [f"- `{k}`: {v}" for k, v in OPERATING_POINT_HELP.items() if k in card.operating_points]
     out += flags_per_image_lines(card)
+    out += ood_lines(card)
     out += ["", "### Changelog"] + [f"- {c}" for c in card.changelog]
     return "\n".join(out)
+
+
+def ood_lines(card: ModelCard) -> list[str]:
+    """What the model's out-of-distribution check catches and how often it false-alarms (``training.ood``'s file)."""
+    path = PROJECT_ROOT / card.ood.source_file if card.ood else None
+    if path is None or not path.is_file():
+        return ["", "### The right model for the film", "No out-of-distribution check for this model."]
+    d = json.loads(path.read_text())
+    if d.get("weights_sha256") != card.sha256 or "catch_rate_on_other_populations_test_films" not in d:
+        return []
+
+    def pct(r: dict) -> str:
+        return f"{100 * r['rate']:.1f}% of {r['n']}"
+
+    own = d["false_alarm_on_own_films"].get(f"{card.task} test")
+    caught = [f"{k}: {pct(v)}" for k, v in d["catch_rate_on_other_populations_test_films"].items()]
+    out = ["", "### The right model for the film",
+           f"Out-of-distribution check (`{card.ood.source_file}`): warns on "
+           + "; ".join(caught) + (f"; false alarms on {pct(own)} own test films." if own else ".")]
+    if d.get("note"):
+        out.append(f"*{d['note']}*")
+    return out
 
 
 def flags_per_image_lines(card: ModelCard) -> list[str]:

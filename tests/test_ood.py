@@ -88,3 +88,55 @@ def test_a_damaged_ood_file_costs_the_check_not_the_answer(tmp_path):
     (folder / OOD_FILE).write_bytes(b"damaged")
     doc = DemoService(Zoo(ZooSource(folder.parent))).predict(read_xray(img), "tiny", "f1").document
     assert OOD_UNAVAILABLE in doc["warnings"] and len(doc["findings"]) == 14
+
+
+def test_population_check_learns_another_population_and_round_trips(tmp_path):
+    """A second, linear check tells the training films' population from another one (here a shifted cloud that the
+    distance alone misses); it is saved and loaded with the detector and reported as its own kind."""
+    from training.ood import fit_population_check
+
+    rng = np.random.default_rng(1)
+    scale = np.linspace(1, 5, 20)
+    own = lambda n: rng.normal(size=(n, 20)) * scale  # noqa: E731
+    other = lambda n: own(n) + np.r_[3.0, np.zeros(19)]  # noqa: E731  (inside the distance's 99th percentile)
+    det = OODDetector.fit(own(600), k=8)
+    det.threshold = float(np.percentile(det.score(own(300)), 99))
+    assert det.is_outlier(other(500)).mean() < 0.2
+    info = fit_population_check(det, own(600), own(300), other(600), other(200), 99.0)
+    assert info["chosen_C"] in {r["C"] for r in info["grid"]}
+    far, pop = det.outlier_kinds(other(500))
+    assert pop.mean() > 0.6 and det.is_outlier(own(1000)).mean() < 0.05
+    det.save(tmp_path / OOD_FILE)
+    back = OODDetector.load(tmp_path / OOD_FILE)
+    x = other(50)
+    assert np.allclose(back.population_score(x), det.population_score(x))
+    assert back.population_threshold == pytest.approx(det.population_threshold)
+
+
+def test_predict_names_the_population_when_the_population_check_fires(tmp_path):
+    from cxr_demo.service import OTHER_POPULATION
+
+    folder, img = _with_detector(tmp_path, 1e12)
+    det = OODDetector.load(folder / OOD_FILE)
+    det.population_weights = np.zeros_like(det.mean)
+    det.population_scale = np.ones_like(det.mean)
+    det.population_bias, det.population_threshold = 1.0, 0.0  # fires on every film
+    det.save(folder / OOD_FILE)
+    card = read_card(folder)
+    card.ood = OODInfo(file=OOD_FILE, sha256=sha256_file(folder / OOD_FILE), threshold=1e12, source_file="x")
+    write_card(card, folder)
+    doc = DemoService(Zoo(ZooSource(folder.parent))).predict(read_xray(img), "tiny", "f1").document
+    assert OTHER_POPULATION.split("{")[0] in " ".join(doc["warnings"]) and OOD_WARNING not in doc["warnings"]
+    assert doc["out_of_distribution"] == {"checked": True, "far_from_training_films": False, "other_population": True}
+
+
+@pytest.mark.parametrize("name", sorted(p.parent.name for p in DEFAULT_CHECKPOINTS.glob("*/config.json")))
+def test_every_model_has_its_out_of_distribution_numbers(name):
+    card = read_card(DEFAULT_CHECKPOINTS / name)
+    assert card.ood is not None, f"python -m training.ood checkpoints/{name}"
+    doc = json.loads((DEFAULT_CHECKPOINTS.parent / card.ood.source_file).read_text())
+    assert doc["weights_sha256"] == card.sha256
+    own = doc["false_alarm_on_own_films"][f"{card.task} test"]
+    assert own["n"] > 0 and 0 <= own["rate"] <= 1
+    assert all(v["n"] > 0 for v in doc["catch_rate_on_other_populations_test_films"].values())
+    assert set(doc["catch_rate_on_non_xray"]) and set(doc["catch_rate_on_transformed_own_test_films"])

@@ -108,3 +108,9 @@ def test_card_view_shows_the_calibration_and_its_plot_and_the_table_says_what_is
     paediatric = next(n for n in zoo.names if zoo.cards[n].task_kind == "multiclass")
     doc, html = handlers.predict(_png(tmp_path / "b.png"), paediatric, "")
     assert "top class" in html and all(r["threshold_note"] for r in doc["findings"])
+
+
+def test_card_view_says_what_the_out_of_distribution_check_catches(zoo):
+    card = zoo.cards["covid3-efficientnet-lite0"]
+    text = card_markdown(card, zoo.eval_file(card.name))
+    assert "### The right model for the film" in text and "NIH ChestX-ray14 films" in text and "false alarms" in text

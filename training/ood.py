@@ -2,10 +2,11 @@
 
     python -m training.ood checkpoints/nih14-efficientnet-lite0
 
-Fits on the model's training images, sets the threshold at the 99th percentile of its validation
-images (both from the same patient split as training; no test image), then measures the false-alarm
-rate on real chest X-rays (NIH official-test images, Kermany paediatric test, COVID-19 set) and the
-catch rate on non-X-ray images (scikit-image's sample photographs and synthetic patterns). Writes
+Works for every task's models. Fits on the model's training images, sets the threshold at the 99th
+percentile of its validation images (both from the same patient split as training; no test image), then
+measures the false-alarm rate on the model's own test films and the catch rate on films of the other
+tasks' populations (NIH adults, Kermany children, the COVID-19 collection), on non-X-ray images
+(scikit-image's sample photographs and synthetic patterns) and on its own test films inverted or rotated. Writes
 ``ood.safetensors`` beside the weights, its sha256 into the card, and ``docs/ood/<model>.json``.
 """
 
@@ -25,7 +26,8 @@ from cxr_demo.inference import feature_array
 from cxr_demo.models import sha256_file
 from cxr_demo.ood import OOD_FILE, OODDetector
 from cxr_demo.zoo import load_checkpoint
-from training.data import Record, add_data_root_argument, cached_pixels, nih_records, patient_split
+from training.data import Record, add_data_root_argument, cached_pixels, patient_split
+from training.tasks import load_task
 
 log = logging.getLogger(__name__)
 
@@ -77,56 +79,153 @@ def non_xray_images(size: int) -> dict[str, np.ndarray]:
             for k, v in out.items()}
 
 
-def _folder_pixels(folder: Path, size: int) -> np.ndarray:
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
-    recs = [Record(p, np.zeros(1, np.float32), p.name, "test") for p in paths]
-    return cached_pixels(recs, size) if recs else np.zeros((0, size, size), np.uint8)
+# Where a film comes from, whatever task uses it. The COVID-19 collection's 'Normal' films are mostly NIH films
+# (RSNA challenge copies) and its viral pneumonias are Kermany's, so they are populations of their own here.
+POPULATION_TEXT = {
+    "nih": "NIH ChestX-ray14 films (adults)",
+    "kermany": "Kermany paediatric films (children aged 1-5)",
+    "kermany-nonviral": "Kermany paediatric films, normal and bacterial (children aged 1-5)",
+    "covid": "COVID-19 collection, COVID-19 films (adults)",
+    "covid-normal": "COVID-19 collection, 'Normal' films (mostly NIH copies)",
+}
+# The populations that a model of each task has never seen: its population check learns to tell them from its
+# own training films (on their non-test films) and is measured on their test films.
+OTHER_POPULATIONS = {
+    "nih14": ("kermany", "covid"),
+    "kermany2": ("nih", "covid", "covid-normal"),
+    "kermany3": ("nih", "covid", "covid-normal"),
+    "covid3": ("nih", "kermany-nonviral"),
+}
+C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1)
+
+
+def population_records(name: str, data_root: Path) -> list[Record]:
+    """The films of one population with their split (``train_val`` / ``test``)."""
+    if name == "nih":
+        return load_task("nih14", data_root).records
+    if name in ("kermany", "kermany-nonviral"):
+        recs = load_task("kermany3", data_root).records
+        return recs if name == "kermany" else [r for r in recs if not r.labels[2]]
+    recs = load_task("covid3", data_root).records
+    cls = 0 if name == "covid" else 1  # COVID-19, Normal (viral pneumonias are Kermany films)
+    return [r for r in recs if r.labels[cls] and r.patient.startswith("covid:")]
+
+
+def transformed(pixels: np.ndarray) -> dict[str, np.ndarray]:
+    """The model's own test films turned into what a careless upload looks like: inverted, rotated."""
+    return {"inverted (negative) films": 255 - pixels, "rotated 90 degrees": np.rot90(pixels, 1, axes=(1, 2)).copy(),
+            "rotated 180 degrees (upside down)": pixels[:, ::-1, ::-1].copy()}
+
+
+def _spread(items: list, n: int) -> list:
+    """At most ``n`` items, evenly spread over the (sorted) list."""
+    if len(items) <= n:
+        return list(items)
+    return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
+
+
+def fit_population_check(det: OODDetector, own_train: np.ndarray, own_val: np.ndarray, other_fit: np.ndarray,
+                         other_select: np.ndarray, percentile: float) -> dict:
+    """A logistic regression on standardised features: own training films (0) against other populations' films
+    (1), classes weighted equally. Its L2 strength is chosen on held-out films (other populations' validation part
+    caught at the threshold that passes ``percentile`` % of the own validation films); no test film is used."""
+    from sklearn.linear_model import LogisticRegression
+
+    scale = own_train.std(0) + 1e-6
+    z = lambda f: (f - det.mean) / scale  # noqa: E731
+    x = np.concatenate([z(own_train), z(other_fit)])
+    y = np.r_[np.zeros(len(own_train)), np.ones(len(other_fit))]
+    rows = []
+    for c in C_GRID:
+        clf = LogisticRegression(C=c, max_iter=3000, class_weight="balanced").fit(x, y)
+        thr = float(np.percentile(clf.decision_function(z(own_val)), percentile))
+        rows.append({"C": c, "held_out_catch_rate": float((clf.decision_function(z(other_select)) > thr).mean()),
+                     "threshold": thr, "clf": clf})
+    best = max(rows, key=lambda r: (r["held_out_catch_rate"], -r["C"]))
+    det.population_weights = best["clf"].coef_[0].astype(np.float64)
+    det.population_bias = float(best["clf"].intercept_[0])
+    det.population_scale = scale
+    det.population_threshold = best["threshold"]
+    return {"chosen_C": best["C"], "grid": [{k: v for k, v in r.items() if k != "clf"} for r in rows]}
 
 
 def fit_and_measure(folder: Path, data_root: Path | None = None, percentile: float = 99.0,
-                    val_fraction: float = 0.15, seed: int = 0, k: int = 32) -> dict:
+                    val_fraction: float = 0.15, seed: int = 0, k: int = 32, limit: int = 400,
+                    fit_per_population: int = 600) -> dict:
+    """Fit the check on the model's training films, set its thresholds on its validation films, measure it.
+
+    Two parts on the model's pooled penultimate features: a Mahalanobis distance (far from the training films)
+    and a population check (like another population's films), each with a threshold that passes ``percentile`` %
+    of the model's own validation films. False alarms: the model's own test films. Catches: other populations'
+    test films (``limit`` at most per population, the NIH test list whole), photographs and synthetic patterns,
+    and the model's own test films inverted or rotated (``limit`` of them)."""
     data_root = Path(data_root) if data_root is not None else paths.data_root()
     card = read_card(folder)
-    if card.task != "nih14":
-        raise ValueError("only NIH models are handled so far")
     model = load_checkpoint(folder)
-    recs = nih_records(data_root / "nih14", card.label_names)
+    task = load_task(card.task, data_root)
     split = card.training.get("val_fraction", val_fraction)
-    train, val = patient_split([r for r in recs if r.split == "train_val"], split, card.training.get("seed", seed))
+    train, val = patient_split(task.train_val, split, card.training.get("seed", seed))
     if "n_train" in card.training and len(train) != card.training["n_train"]:
         raise ValueError("could not reproduce the model's training split; pass the --val-fraction and seed it used")
-    det = OODDetector.fit(_features(model, card, cached_pixels(train, card.input_size)), k=k)
-    val_scores = det.score(_features(model, card, cached_pixels(val, card.input_size)))
-    det.threshold = float(np.percentile(val_scores, percentile))
+    size, crop = card.input_size, card.crop
+    feats = lambda recs: _features(model, card, cached_pixels(recs, size, crop))  # noqa: E731
+    own_train, own_val = feats(train), feats(val)
+    det = OODDetector.fit(own_train, k=k)
+    det.threshold = float(np.percentile(det.score(own_val), percentile))
+
+    others = OTHER_POPULATIONS[card.task]
+    fit_parts, select_parts, test_recs = [], [], {}
+    for name in others:
+        recs = population_records(name, data_root)
+        fit_recs, select_recs = patient_split([r for r in recs if r.split == "train_val"], 0.25, seed)
+        fit_parts.append(feats(_spread(fit_recs, fit_per_population)))
+        select_parts.append(feats(_spread(select_recs, fit_per_population // 3)))
+        test_recs[name] = [r for r in recs if r.split == "test"]
+    population = fit_population_check(det, own_train, own_val, np.concatenate(fit_parts), np.concatenate(select_parts),
+                                      percentile)
     det.save(folder / OOD_FILE)
 
-    def rate(pixels: np.ndarray) -> dict:
-        if len(pixels) == 0:
+    def rate(features: np.ndarray) -> dict:
+        if len(features) == 0:
             return {"n": 0}
-        flagged = det.is_outlier(_features(model, card, pixels))
-        return {"n": int(len(pixels)), "flagged": int(flagged.sum()), "rate": float(flagged.mean())}
+        far, other = det.outlier_kinds(features)
+        return {"n": int(len(features)), "flagged": int((far | other).sum()), "rate": float((far | other).mean()),
+                "by_distance": int(far.sum()), "by_population_check": int(other.sum())}
 
-    test = [r for r in recs if r.split == "test"]
-    others = non_xray_images(card.input_size)
+    test_pixels = cached_pixels(task.test, size, crop)
+    test_sample = test_pixels[np.linspace(0, len(test_pixels) - 1, min(limit, len(test_pixels))).round().astype(int)]
+    non_xray = non_xray_images(size)
+    f = lambda px: _features(model, card, px)  # noqa: E731
     result = {
-        "model": card.name, "weights_sha256": card.sha256,
-        "method": f"squared Mahalanobis distance in the top-{det.components.shape[1]} PCA space of pooled penultimate "
-                  f"features; fitted on {len(train)} training images, threshold = {percentile}th percentile of "
-                  f"{len(val)} validation images",
+        "model": card.name, "weights_sha256": card.sha256, "task": card.task,
+        "method": f"two checks on pooled penultimate features, each passing {percentile}% of the {len(val)} validation "
+                  f"films: squared Mahalanobis distance in the top-{det.components.shape[1]} PCA space of the {len(train)} "
+                  "training films, and a logistic regression telling the training films from other populations' "
+                  f"non-test films ({', '.join(POPULATION_TEXT[n] for n in others)}; L2 strength chosen on held-out "
+                  "non-test films of those populations)",
         "threshold": det.threshold,
-        "false_alarm_on_real_cxr": {
-            "nih14_validation (threshold source)": rate(cached_pixels(val, card.input_size)),
-            "nih14_official_test": rate(cached_pixels(test, card.input_size)),
-            "kermany_test (paediatric)": rate(_folder_pixels(data_root / "kermany" / "test", card.input_size)),
-            "covid19 (COVID + Normal)": rate(_folder_pixels(data_root / "covid19", card.input_size)),
+        "population_threshold": det.population_threshold,
+        "population_check": population,
+        "false_alarm_on_own_films": {
+            f"{card.task} validation (threshold source)": rate(own_val),
+            f"{card.task} test": rate(f(test_pixels)),
+        },
+        "catch_rate_on_other_populations_test_films": {
+            POPULATION_TEXT[name]: rate(feats(recs if name == "nih" else _spread(recs, limit)))
+            for name, recs in test_recs.items()
         },
         "catch_rate_on_non_xray": {
-            "scikit-image photographs and figures": rate(others["photos"]),
-            "synthetic patterns (noise, gradients, stripes, blocks, blurred noise)": rate(others["synthetic"]),
+            "scikit-image photographs and figures": rate(f(non_xray["photos"])),
+            "synthetic patterns (noise, gradients, stripes, blocks, blurred noise)": rate(f(non_xray["synthetic"])),
         },
+        "catch_rate_on_transformed_own_test_films": {name: rate(f(px)) for name, px in transformed(test_sample).items()},
         "not_measured": "lateral chest views: none are available offline",
         "command": f"python -m training.ood {folder}",
     }
+    if card.task == "covid3":
+        result["note"] = (f"{card.name}'s 'Normal' class is mostly NIH films (RSNA challenge copies, "
+                          "resized to 224 px JPEG), so NIH films are its own training population: neither check can "
+                          "tell them apart, and an adult NIH film reaches this model without a warning.")
     card.ood = OODInfo(file=OOD_FILE, sha256=sha256_file(folder / OOD_FILE), threshold=det.threshold,
                        source_file=f"docs/ood/{card.name}.json")
     write_card(card, folder)

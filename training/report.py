@@ -147,6 +147,7 @@ def model_zoo_doc(checkpoints: Path = DEFAULT_CHECKPOINTS) -> str:
                        f"{ev['n_images']} | {'lung region' if card.crop else 'none'} |")
         out.append("")
     out += calibration_section(entries)
+    out += ood_section(entries)
     out += ["## Training runs", "", "| model | init | epochs run (best) | val macro AUROC | loss | lr | input | train seconds | command |",
             "|---|---|---|---|---|---|---|---|---|"]
     for _, card, _ in entries:
@@ -221,6 +222,40 @@ def model_zoo_doc(checkpoints: Path = DEFAULT_CHECKPOINTS) -> str:
         out.append(f"- **{card.name}**: [card](../checkpoints/{folder.name}/config.json)"
                    + (f", [eval.json](../checkpoints/{folder.name}/{EVAL_FILE})" if ev else "") + roc)
     return "\n".join(out) + "\n"
+
+
+def ood_section(entries) -> list[str]:
+    """docs/MODEL_ZOO.md's table of every model's out-of-distribution check (``docs/ood/<model>.json``)."""
+    docs = []
+    for _, card, _ in entries:
+        path = ROOT / card.ood.source_file if card.ood else None
+        if path is not None and path.is_file():
+            d = json.loads(path.read_text())
+            if d.get("weights_sha256") == card.sha256 and "catch_rate_on_other_populations_test_films" in d:
+                docs.append((card, d))
+    if not docs:
+        return []
+
+    def pct(r: dict) -> str:
+        return f"{100 * r['rate']:.1f}% ({r['flagged']}/{r['n']})"
+
+    out = ["## Out-of-distribution check (the right model for the film)", "",
+           "Written by `python -m training.ood checkpoints/<model>`: a distance check and a population check on the "
+           "model's own penultimate features, each passing 99% of its validation films (thresholds and the population "
+           "check's strength are set without any test film). A warning in `/predict` when either fires. False alarms "
+           "on the model's own test films; catches on other populations' test films, on non-X-ray images and on its "
+           "own test films inverted or rotated. Details per model in [docs/ood/](ood/).", "",
+           "| model | false alarms, own test films | other populations caught | photos / synthetic caught | "
+           "inverted / rotated 90 / rotated 180 caught |", "|---|---|---|---|---|"]
+    for card, d in docs:
+        own = d["false_alarm_on_own_films"][f"{card.task} test"]
+        others = "; ".join(f"{k}: {pct(v)}" for k, v in d["catch_rate_on_other_populations_test_films"].items())
+        nx = " / ".join(pct(v) for v in d["catch_rate_on_non_xray"].values())
+        tr = " / ".join(pct(v) for v in d["catch_rate_on_transformed_own_test_films"].values())
+        out.append(f"| {card.name} | {pct(own)} | {others} | {nx} | {tr} |")
+    notes = sorted({d["note"] for _, d in docs if d.get("note")})
+    out += [""] + [f"*{n}*" for n in notes] + ([""] if notes else [])
+    return out
 
 
 def calibration_section(entries) -> list[str]:
