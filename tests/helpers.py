@@ -183,6 +183,21 @@ def make_fake_kermany_covid(root, per_class=8, size=64):
     return root
 
 
+def call_event(http, url: str, api_name: str, data: list, headers: dict | None = None) -> tuple[str | None, object]:
+    """POST one call of a named endpoint and read its server-sent events: ``("complete", the decoded outputs)``
+    or ``("error", the raw error text)``."""
+    r = http.post(f"{url}gradio_api/call/{api_name}", json={"data": data}, headers=headers or {})
+    r.raise_for_status()
+    kind = None
+    with http.stream("GET", f"{url}gradio_api/call/{api_name}/{r.json()['event_id']}") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                kind = line[6:].strip()
+            elif line.startswith("data:") and kind in ("complete", "error"):
+                return kind, json.loads(line[5:]) if kind == "complete" else line[5:]
+    return kind, None
+
+
 def http_call(http, url: str, api_name: str, image: Path, *args) -> list:
     """One request over Gradio's plain HTTP API, as ``curl`` would make it: upload the file, POST the call,
     read the server-sent events until ``complete`` (and fetch a returned image, as gradio_client does).
@@ -191,17 +206,7 @@ def http_call(http, url: str, api_name: str, image: Path, *args) -> list:
         r = http.post(url + "gradio_api/upload", files={"files": (image.name, f)})
     r.raise_for_status()
     file = {"path": r.json()[0], "meta": {"_type": "gradio.FileData"}}
-    r = http.post(f"{url}gradio_api/call/{api_name}", json={"data": [file, *args]})
-    r.raise_for_status()
-    event = r.json()["event_id"]
-    kind, data = None, None
-    with http.stream("GET", f"{url}gradio_api/call/{api_name}/{event}") as stream:
-        for line in stream.iter_lines():
-            if line.startswith("event:"):
-                kind = line[6:].strip()
-            elif line.startswith("data:") and kind in ("complete", "error"):
-                data = json.loads(line[5:]) if kind == "complete" else line[5:]
-                break
+    kind, data = call_event(http, url, api_name, [file, *args])
     if kind != "complete":
         raise RuntimeError(f"{api_name}: {data}")
     for out in data:

@@ -3,7 +3,6 @@ by another client gets a sentence, not the first client's film; one upload reque
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -12,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from cxr_demo.uploads import MAX_FILES_PER_UPLOAD, NOT_YOUR_UPLOAD
-from tests.helpers import synthetic_xray
+from tests.helpers import call_event, synthetic_xray
 
 
 def _film(path, seed=0):
@@ -21,18 +20,8 @@ def _film(path, seed=0):
 
 
 def _call(http, url, path, model_name, headers=None):
-    file = {"path": path, "meta": {"_type": "gradio.FileData"}}
-    r = http.post(f"{url}gradio_api/call/predict", json={"data": [file, model_name, "f1"]}, headers=headers or {})
-    r.raise_for_status()
-    kind, data = None, None
-    with http.stream("GET", f"{url}gradio_api/call/predict/{r.json()['event_id']}") as stream:
-        for line in stream.iter_lines():
-            if line.startswith("event:"):
-                kind = line[6:].strip()
-            elif line.startswith("data:") and kind in ("complete", "error"):
-                data = line[5:]
-                break
-    return kind, data
+    return call_event(http, url, "predict", [{"path": path, "meta": {"_type": "gradio.FileData"}}, model_name, "f1"],
+                      headers)
 
 
 def test_a_replayed_upload_path_gets_a_sentence_not_the_film(live_app, model_name, tmp_path):
@@ -46,7 +35,7 @@ def test_a_replayed_upload_path_gets_a_sentence_not_the_film(live_app, model_nam
         assert kind == "error" and NOT_YOUR_UPLOAD[:40] in data, data
         # ... the uploader's own call works and deletes the file ...
         kind, data = _call(http, live_app, path, model_name, {"X-Forwarded-For": "203.0.113.5"})
-        assert kind == "complete" and json.loads(data)[0]["findings"]
+        assert kind == "complete" and data[0]["findings"]
         # ... and the replay afterwards does not get the remembered decode either
         kind, data = _call(http, live_app, path, model_name, {"X-Forwarded-For": "198.51.100.9"})
         assert kind == "error" and NOT_YOUR_UPLOAD[:40] in data, data
