@@ -9,6 +9,7 @@ nothing extra at predict time.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,3 +87,19 @@ class OODDetector:
         variances = (s[:k] ** 2) / max(len(f) - 1, 1) + 1e-6
         return cls(mean, vt[:k].T, variances, float("inf"))
 
+
+def measurement(card, root: Path) -> dict | None:
+    """The model's committed out-of-distribution measurement (``training.ood``'s ``docs/ood/<model>.json`` under
+    ``root``), when it belongs to these weights and has the per-population rates; else None."""
+    path = Path(root) / card.ood.source_file if card.ood else None
+    if path is None or not path.is_file():
+        return None
+    d = json.loads(path.read_text())
+    if d.get("weights_sha256") != card.sha256 or "catch_rate_on_other_populations_test_films" not in d:
+        return None
+    return d
+
+
+def rate_text(r: dict, style: str = "of") -> str:
+    """A measured rate for people: ``12.5% of 400`` (``style="count"``: ``12.5% (50/400)``)."""
+    return f"{100 * r['rate']:.1f}% " + (f"of {r['n']}" if style == "of" else f"({r['flagged']}/{r['n']})")

@@ -25,9 +25,10 @@ from cxr_demo.card import OPERATING_POINT_HELP, ModelCard
 from cxr_demo.groundtruth import boxed_findings, default_examples
 from cxr_demo.images import IMAGE_SUFFIXES, XRay
 from cxr_demo.labels import display_name
+from cxr_demo.ood import measurement as ood_measurement
+from cxr_demo.ood import rate_text
 from cxr_demo.overlay import OUTLINE_COLOUR, PRED_COLOUR, TRUTH_COLOUR, colour_bar_css
 from cxr_demo.paths import PROJECT_ROOT
-from cxr_demo.report import report_pdf
 from cxr_demo.service import USER_ERRORS, DemoService
 from cxr_demo.uploads import MAX_FILES_PER_UPLOAD, UploadGuard, UploadStore, client_identity
 from cxr_demo.zoo import Zoo
@@ -202,21 +203,16 @@ def card_markdown(card: ModelCard, eval_path: Path | None) -> str:
 
 def ood_lines(card: ModelCard) -> list[str]:
     """What the model's out-of-distribution check catches and how often it false-alarms (``training.ood``'s file)."""
-    path = PROJECT_ROOT / card.ood.source_file if card.ood else None
-    if path is None or not path.is_file():
+    if card.ood is None:
         return ["", "### The right model for the film", "No out-of-distribution check for this model."]
-    d = json.loads(path.read_text())
-    if d.get("weights_sha256") != card.sha256 or "catch_rate_on_other_populations_test_films" not in d:
+    d = ood_measurement(card, PROJECT_ROOT)
+    if d is None:
         return []
-
-    def pct(r: dict) -> str:
-        return f"{100 * r['rate']:.1f}% of {r['n']}"
-
     own = d["false_alarm_on_own_films"].get(f"{card.task} test")
-    caught = [f"{k}: {pct(v)}" for k, v in d["catch_rate_on_other_populations_test_films"].items()]
+    caught = [f"{k}: {rate_text(v)}" for k, v in d["catch_rate_on_other_populations_test_films"].items()]
     out = ["", "### The right model for the film",
            f"Out-of-distribution check (`{card.ood.source_file}`): warns on "
-           + "; ".join(caught) + (f"; false alarms on {pct(own)} own test films." if own else ".")]
+           + "; ".join(caught) + (f"; false alarms on {rate_text(own)} own test films." if own else ".")]
     if d.get("note"):
         out.append(f"*{d['note']}*")
     return out
@@ -357,6 +353,8 @@ class Handlers:
                request: gr.Request | None = None) -> str:
         """A one-page PDF of this film's analysis (findings, heatmap of the chosen finding with the model's studied
         settings, model and weights hash, date, disclaimer); the file is deleted two minutes after it is made."""
+        from cxr_demo.report import report_pdf  # fpdf2 costs 0.6 s to import: not at start-up
+
         xray = self.store.take(path, state, who(request))
         pred = self.service.predict(xray, model_name, operating_point)
         overlay, explained = self.service.explain(xray, model_name, None if finding in ("", MOST_PROBABLE) else finding,

@@ -73,6 +73,11 @@ def reliability(y: np.ndarray, p: np.ndarray, bins: int = BINS) -> list[dict]:
     return out
 
 
+def multiclass_log_loss(y: np.ndarray, p: np.ndarray) -> float:
+    """Mean negative log probability of the true class (``y`` one-hot)."""
+    return float(-np.mean(np.log(np.clip((p * y).sum(1), cal.EPS, 1))))
+
+
 def log_loss(y: np.ndarray, p: np.ndarray) -> float:
     p = np.clip(np.asarray(p, float), cal.EPS, 1 - cal.EPS)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
@@ -84,7 +89,7 @@ def calibration_metrics(y: np.ndarray, p: np.ndarray, task_kind: str, labels: li
     if task_kind == "multiclass":
         conf, correct = p.max(1), (p.argmax(1) == y.argmax(1)).astype(float)
         return {"ece_top_class": ece(correct, conf), "brier": float(np.mean(np.sum((p - y) ** 2, axis=1))),
-                "log_loss": float(-np.mean(np.log(np.clip((p * y).sum(1), cal.EPS, 1)))),
+                "log_loss": multiclass_log_loss(y, p),
                 "mean_confidence": float(conf.mean()), "accuracy": float(correct.mean()),
                 "reliability_top_class": reliability(correct, conf)}
     per = {lab: {"ece": ece(y[:, j], p[:, j]), "brier": float(np.mean((p[:, j] - y[:, j]) ** 2)),
@@ -122,8 +127,7 @@ def _fit_binary(y: np.ndarray, p: np.ndarray, offset: bool) -> tuple[float, floa
 
 def _fit_multiclass_temperature(y: np.ndarray, p: np.ndarray) -> float:
     def loss(theta):
-        q = cal.softmax_temperature(p, theta[0])
-        return float(-np.mean(np.log(np.clip((q * y).sum(1), cal.EPS, 1))))
+        return multiclass_log_loss(y, cal.softmax_temperature(p, theta[0]))
 
     res = minimize(loss, np.array([1.0]), method="L-BFGS-B", bounds=[SLOPE_BOUNDS])
     return float(res.x[0])
@@ -150,8 +154,7 @@ def fit(method: str, y: np.ndarray, p: np.ndarray, task_kind: str, labels: list[
 def transform(method: str, params, p: np.ndarray, task_kind: str, labels: list[str]) -> np.ndarray:
     if method == "isotonic":
         return np.stack([iso.predict(p[:, j]) for j, iso in enumerate(params)], axis=1)
-    c = Calibration(method="platt" if method == "identity" else method, params=params, fitted_on="-", source_file="-")
-    return cal.apply(c, task_kind, labels, p)
+    return cal.apply(Calibration(method=method, params=params, fitted_on="-", source_file="-"), task_kind, labels, p)
 
 
 def candidates(task_kind: str) -> tuple[str, ...]:
@@ -169,7 +172,7 @@ def out_of_fold(method: str, y: np.ndarray, p: np.ndarray, groups: np.ndarray, t
 
 def nll(y: np.ndarray, p: np.ndarray, task_kind: str) -> float:
     if task_kind == "multiclass":
-        return float(-np.mean(np.log(np.clip((p * y).sum(1), cal.EPS, 1))))
+        return multiclass_log_loss(y, p)
     return float(sum(log_loss(y[:, j], p[:, j]) for j in range(y.shape[1])))
 
 

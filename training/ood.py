@@ -117,11 +117,14 @@ def transformed(pixels: np.ndarray) -> dict[str, np.ndarray]:
             "rotated 180 degrees (upside down)": pixels[:, ::-1, ::-1].copy()}
 
 
+def _spread_indices(length: int, n: int) -> np.ndarray:
+    """At most ``n`` indices evenly spread over ``range(length)``."""
+    return np.arange(length) if length <= n else np.linspace(0, length - 1, n).round().astype(int)
+
+
 def _spread(items: list, n: int) -> list:
     """At most ``n`` items, evenly spread over the (sorted) list."""
-    if len(items) <= n:
-        return list(items)
-    return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
+    return [items[i] for i in _spread_indices(len(items), n)]
 
 
 def fit_population_check(det: OODDetector, own_train: np.ndarray, own_val: np.ndarray, other_fit: np.ndarray,
@@ -193,7 +196,7 @@ def fit_and_measure(folder: Path, data_root: Path | None = None, percentile: flo
                 "by_distance": int(far.sum()), "by_population_check": int(other.sum())}
 
     test_pixels = cached_pixels(task.test, size, crop)
-    test_sample = test_pixels[np.linspace(0, len(test_pixels) - 1, min(limit, len(test_pixels))).round().astype(int)]
+    test_sample = test_pixels[_spread_indices(len(test_pixels), limit)]
     non_xray = non_xray_images(size)
     f = lambda px: _features(model, card, px)  # noqa: E731
     result = {

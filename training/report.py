@@ -226,18 +226,14 @@ def model_zoo_doc(checkpoints: Path = DEFAULT_CHECKPOINTS) -> str:
 
 def ood_section(entries) -> list[str]:
     """docs/MODEL_ZOO.md's table of every model's out-of-distribution check (``docs/ood/<model>.json``)."""
-    docs = []
-    for _, card, _ in entries:
-        path = ROOT / card.ood.source_file if card.ood else None
-        if path is not None and path.is_file():
-            d = json.loads(path.read_text())
-            if d.get("weights_sha256") == card.sha256 and "catch_rate_on_other_populations_test_films" in d:
-                docs.append((card, d))
+    from cxr_demo.ood import measurement, rate_text
+
+    docs = [(card, d) for _, card, _ in entries if (d := measurement(card, ROOT)) is not None]
     if not docs:
         return []
 
     def pct(r: dict) -> str:
-        return f"{100 * r['rate']:.1f}% ({r['flagged']}/{r['n']})"
+        return rate_text(r, "count")
 
     out = ["## Out-of-distribution check (the right model for the film)", "",
            "Written by `python -m training.ood checkpoints/<model>`: a distance check and a population check on the "
