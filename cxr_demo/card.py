@@ -30,9 +30,12 @@ NON_TIMM_ARCHITECTURES = ("cxr_small_cnn", ENSEMBLE_ARCHITECTURE)
 
 OPERATING_POINTS: tuple[str, ...] = ("f1", "youden", "screening")
 OPERATING_POINT_HELP: dict[str, str] = {
-    "f1": "F1-optimal threshold per finding (tuned on validation images)",
-    "youden": "Youden's J (sensitivity + specificity - 1) maximised per finding (validation)",
-    "screening": "highest threshold that keeps validation sensitivity >= 0.9 (high-sensitivity screening)",
+    "f1": "best F1 per finding while flagging at most 1.5 images per true case (validation): few flags, "
+          "about as many as there are findings",
+    "youden": "sensitivity + specificity - 1 maximised per finding (validation): catches more, flags several "
+              "findings per film",
+    "screening": "highest threshold that keeps validation sensitivity >= 0.9: misses little, flags many findings per "
+                 "film (to rule out, not to diagnose)",
 }
 
 # A zoo name is a plain identifier, never a path: it indexes a dict, it is not joined to a folder

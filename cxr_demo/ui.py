@@ -482,7 +482,8 @@ def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.
     default_model = names[0] if names else None
     examples = default_examples() if examples is None else examples
     handlers = Handlers(zoo, examples)
-    op_help = "f1: balanced · youden: sensitivity + specificity · screening: sensitivity >= 0.9 (validation)"
+    op_help = ("f1: few flags, about as many as findings · youden: sensitivity + specificity · screening: "
+               "sensitivity >= 0.9, many flags (validation)")
 
     # Uploads are deleted as soon as they are decoded (UploadStore); generated overlays are deleted from
     # Gradio's cache after 2 minutes (checked every minute); the example films' cached copies are kept.

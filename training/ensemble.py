@@ -26,7 +26,7 @@ from cxr_demo import INTENDED_USE
 from cxr_demo.card import ModelCard, read_card, write_card
 from cxr_demo.ensemble import ENSEMBLE_ARCHITECTURE, members_digest
 from training.evaluate import evaluate_checkpoint
-from training.metrics import macro_auroc, macro_auroc_with_finding, tune_card_thresholds
+from training.metrics import macro_auroc, macro_auroc_with_finding, threshold_record, tune_card_thresholds
 from training.robustness import validation_predictions
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ def build_card(name: str, folders: list[Path], y: np.ndarray, probs: dict[str, n
         training={"command": command, "members": [c.name for c in cards], "selection": selection,
                   "val_macro_auroc": auc, "val_macro_auroc_findings_only": macro_auroc_with_finding(y, p),
                   "member_val_macro_auroc": {c.name: macro_auroc(y, probs[c.name]) for c in cards},
+                  "thresholds": threshold_record(len(y), command),
                   **{k: first.training[k] for k in ("n_train", "n_val", "val_fraction", "seed", "val_positives")
                      if k in first.training}},
         license=first.license, sha256=members_digest(members),

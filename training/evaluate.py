@@ -98,6 +98,26 @@ def box_study(model, card, records, pixels, boxes_by_image, lung_folder: Path | 
     }
 
 
+def operating_points_section(card, Y: np.ndarray, P: np.ndarray) -> dict:
+    """``eval.json``'s ``operating_points``: macro and per-finding precision/recall/F1 and exact match at each of
+    the card's operating points (multi-class: the top class)."""
+    ops = {}
+    for op in card.operating_points:
+        if op == "argmax":  # multi-class: the top class is the prediction
+            thr = np.full(len(card.label_names), 0.5)
+            m = operating_point_metrics(Y, np.eye(len(card.label_names))[P.argmax(1)], thr)
+        else:
+            thr = np.array([card.threshold(op, n) for n in card.label_names])
+            m = operating_point_metrics(Y, P, thr)
+        ops[op] = {k: v for k, v in m.items() if not k.startswith("per_label")}
+        ops[op]["per_label"] = {
+            n: {"threshold": float(thr[j]) if op != "argmax" else None, "precision": m["per_label_precision"][j], "recall": m["per_label_recall"][j],
+                "f1": m["per_label_f1"][j]}
+            for j, n in enumerate(card.label_names)
+        }
+    return ops
+
+
 def evaluate_checkpoint(folder: Path, data_root: Path | None = None, n_boot: int = 1000,
                         lung_folder: Path | None = None) -> dict:
     """Evaluate ``folder`` on its task's test images in ``data_root`` (for NIH, the official test list);
@@ -124,20 +144,7 @@ def evaluate_checkpoint(folder: Path, data_root: Path | None = None, n_boot: int
         name: {"auroc": aucs[j], "auroc_ci95": cis[j], "positives": int(Y[:, j].sum()), "negatives": int(len(Y) - Y[:, j].sum())}
         for j, name in enumerate(card.label_names)
     }
-    ops = {}
-    for op in card.operating_points:
-        if op == "argmax":  # multi-class: the top class is the prediction
-            thr = np.full(len(card.label_names), 0.5)
-            m = operating_point_metrics(Y, np.eye(len(card.label_names))[P.argmax(1)], thr)
-        else:
-            thr = np.array([card.threshold(op, n) for n in card.label_names])
-            m = operating_point_metrics(Y, P, thr)
-        ops[op] = {k: v for k, v in m.items() if not k.startswith("per_label")}
-        ops[op]["per_label"] = {
-            n: {"threshold": float(thr[j]) if op != "argmax" else None, "precision": m["per_label_precision"][j], "recall": m["per_label_recall"][j],
-                "f1": m["per_label_f1"][j]}
-            for j, n in enumerate(card.label_names)
-        }
+    ops = operating_points_section(card, Y, P)
     boxes = box_study(model, card, records, pixels, nih_boxes(data_root / "nih14"), lung_folder) if card.task == "nih14" else None
     _roc_plot(Y, P, card.label_names, aucs, folder / "roc.png",
               f"{card.name}: {card.task} test images (n={len(Y)}), macro AUROC {macro:.3f}")

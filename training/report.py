@@ -130,7 +130,7 @@ def model_zoo_doc(checkpoints: Path = DEFAULT_CHECKPOINTS) -> str:
             cells = [f"{ev['per_label'][lab]['auroc']:.2f}" if ev["per_label"][lab]["auroc"] is not None else "—" for lab in labels]
             out.append(f"| {card.name} | " + " | ".join(cells) + " |")
         out += ["", "## Operating points (thresholds tuned on validation images only)", "",
-                "| model | F1-optimal: macro F1 / recall | Youden: macro F1 / recall | screening: macro F1 / recall | exact match (F1 point) |",
+                "| model | F1 (flag budget 1.5x): macro F1 / recall | Youden: macro F1 / recall | screening: macro F1 / recall | exact match (F1 point) |",
                 "|---|---|---|---|---|"]
         for _, card, ev in nih:
             ops = ev["operating_points"]

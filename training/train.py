@@ -50,7 +50,7 @@ from training.losses import (
     multilabel_loss,
     sample_weights,
 )
-from training.metrics import macro_auroc, macro_auroc_with_finding, tune_card_thresholds
+from training.metrics import macro_auroc, macro_auroc_with_finding, threshold_record, tune_card_thresholds
 from training.models import create_training_model, model_args_for
 from training.pretrained import IMAGENET_PACKAGES, load_imagenet_into
 from training.tasks import LUNG_CROP, TASKS, load_task
@@ -400,7 +400,8 @@ def main(argv: list[str] | None = None) -> Path:
             "command": ("torchrun --nproc_per_node %d -m training.train " % world if world > 1 else "python -m training.train ")
                        + " ".join(argv if argv is not None else sys.argv[1:]),
             "n_train": len(train), "n_val": len(val), "val_fraction": args.val_fraction, "val_patients": len({r.patient for r in val}),
-            "val_positives": n_val_pos, "best_epoch": best_epoch, "val_macro_auroc": val_all,
+            "val_positives": n_val_pos, "thresholds": threshold_record(len(val), "python -m training.train"),
+            "best_epoch": best_epoch, "val_macro_auroc": val_all,
             "epoch_chosen_on": "validation films with a finding" if args.select_on == "findings" else "all validation films",
             "epochs_run": epoch + 1, "loss": loss_kind, "optimizer": opt_cls.__name__, "lr": args.lr,
             "weight_decay": args.weight_decay, "drop_rate": args.drop_rate, "batch_size": args.batch_size,
