@@ -157,9 +157,14 @@ def heatmap_and_logits(
     class_index: int | None,
     method: str = DEFAULT_CAM_METHOD,
     layer: str | None = None,
+    pause: Callable[[], None] | None = None,
 ) -> tuple[np.ndarray, torch.Tensor, int]:
     """:func:`compute_heatmap` that also returns the logits of the CAM's own forward pass (so the
-    probabilities cost no second forward) and the class explained (``None``: the top-scoring one)."""
+    probabilities cost no second forward) and the class explained (``None``: the top-scoring one).
+
+    ``pause``: called before every forward pass of the model (Score-CAM and Ablation-CAM then run in batches of
+    4 instead of 32), so that a long heatmap can wait for more urgent work.
+    """
     if method not in CAM_METHODS:
         raise KeyError(f"unknown CAM method {method!r}; choose one of {sorted(CAM_METHODS)}")
     layers = target_layers(model, layer or card.cam_target_layer)
@@ -178,7 +183,8 @@ def heatmap_and_logits(
 
     cam = cam_class(method)(model=model, target_layers=layers, **kwargs)
     if method in {"scorecam", "ablationcam"}:
-        cam.batch_size = 32
+        cam.batch_size = 32 if pause is None else 4
+    waiting = model.register_forward_pre_hook(lambda *_: pause()) if pause is not None else None  # type: ignore[misc]
     # Not ``with cam:``: BaseCAM.__exit__ prints and swallows IndexError, hiding real failures.
     try:
         # targets=None: pytorch-grad-cam explains the arg-max logit, the top finding (sigmoid and softmax
@@ -188,6 +194,8 @@ def heatmap_and_logits(
         logits = cam.outputs.detach()
     finally:
         cam.activations_and_grads.release()
+        if waiting is not None:
+            waiting.remove()
     index = int(logits[0].argmax()) if class_index is None else class_index
     heat = np.asarray(grayscale[0], dtype=np.float32)
     heat = np.nan_to_num(heat, nan=0.0, posinf=0.0, neginf=0.0)

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,11 +90,57 @@ class Prediction:
     card: ModelCard
 
 
+SLOW_HEATMAP_BUSY = ("Another slow heatmap (Score-CAM or Ablation-CAM) is being computed on this server right now; "
+                     "only one runs at a time. Try again in a few minutes, or choose a fast method such as Grad-CAM.")
+
+
+class InteractiveFirst:
+    """Interactive work before slow work: while a ``/predict`` runs, and for ``linger_s`` after one ends (the next
+    one in the queue is usually about to start), each step of a slow heatmap (Score-CAM, Ablation-CAM: hundreds of
+    forward passes) waits, for at most ``max_wait_s`` a step, so the slow one still finishes under sustained
+    load."""
+
+    def __init__(self, max_wait_s: float = 2.0, linger_s: float = 0.25) -> None:
+        self.max_wait_s, self.linger_s = max_wait_s, linger_s
+        self._cond = threading.Condition()
+        self._urgent = 0
+        self._last_end = -math.inf
+
+    @contextmanager
+    def urgent(self):
+        with self._cond:
+            self._urgent += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._urgent -= 1
+                self._last_end = time.monotonic()
+                self._cond.notify_all()
+
+    def step_aside(self) -> None:
+        deadline = time.monotonic() + self.max_wait_s
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    return
+                if self._urgent:
+                    self._cond.wait(deadline - now)
+                elif now - self._last_end < self.linger_s:
+                    self._cond.wait(min(deadline, self._last_end + self.linger_s) - now)
+                else:
+                    return
+
+
 class DemoService:
     """Predict and explain with the models of a :class:`Zoo`.
 
-    One lock serialises model use: pytorch-grad-cam hooks live on the shared module, so two CAMs
-    (or a CAM and a forward pass) must not interleave on one model.
+    The app's two lanes (``predict``: one request at a time; ``heatmap``: two) run at once: forward passes use
+    the zoo's model under one lock; heatmaps use the zoo's heatmap copies (:meth:`Zoo.heatmap_model`), because
+    pytorch-grad-cam hooks the layers it explains: fast ones one at a time on one copy, a slow one (at most one)
+    on another, stepping aside for ``/predict`` and fast heatmaps (:class:`InteractiveFirst`); the lung model
+    has a lock of its own.
     """
 
     def __init__(self, zoo: Zoo, allow_slow_cam: bool | None = None, lungs: LungSegmenter | None | bool = True) -> None:
@@ -100,7 +149,10 @@ class DemoService:
         if lungs is True:
             lungs = default_segmenter()
         self.lungs: LungSegmenter | None = lungs or None
-        self._model_lock = threading.RLock()
+        self._heatmap_lock = threading.Lock()
+        self._slow_heatmap_lock = threading.Lock()
+        self._lung_lock = threading.Lock()
+        self._interactive = InteractiveFirst()
         self._test_results: dict[str, dict[str, dict]] = {}
         if allow_slow_cam is None:
             allow_slow_cam = os.environ.get("CXR_DEMO_SLOW_CAM", "") == "1"
@@ -167,7 +219,9 @@ class DemoService:
         op = self._operating_point(card, choice_text(operating_point, "operating point"))
         x = preprocess(xray.pixels, card)
         warnings = list(xray.warnings)
-        with self._model_lock:
+        # No lock: forward passes of an eval-mode model under inference_mode do not change it, so /predicts run
+        # side by side (heatmaps never use this instance).
+        with self._interactive.urgent():
             model = self.zoo.model(card.name)
             try:
                 detector = self.zoo.ood(card.name)
@@ -219,7 +273,7 @@ class DemoService:
         if self.lungs is None:
             return None
         try:
-            with self._model_lock:
+            with self._lung_lock:
                 return self.lungs.segment(xray.pixels, views=views)
         except (WeightsError, OSError) as e:
             log.error("lung-field model switched off: %s", e)
@@ -269,10 +323,21 @@ class DemoService:
             )
         x = preprocess(xray.pixels, card)
         warnings = list(xray.warnings)
-        with self._model_lock:
-            model = self.zoo.model(card.name)
-            requested = card.label_names.index(finding) if finding else None
-            heat, logits, index = heatmap_and_logits(model, card, x, requested, settings.method, layer=settings.layer)
+        requested = card.label_names.index(finding) if finding else None
+        if settings.method in SLOW_CAM_METHODS:
+            # Beside the fast heatmaps (the heatmap lane runs two at a time), one at a time, stepping aside for
+            # every /predict and fast heatmap; a second one is refused at once instead of taking the other slot.
+            if not self._slow_heatmap_lock.acquire(blocking=False):
+                raise ChoiceError(SLOW_HEATMAP_BUSY)
+            try:
+                heat, logits, index = heatmap_and_logits(self.zoo.heatmap_model(card.name, "slow"), card, x, requested,
+                                                         settings.method, layer=settings.layer)
+            finally:
+                self._slow_heatmap_lock.release()
+        else:
+            with self._heatmap_lock:
+                heat, logits, index = heatmap_and_logits(self.zoo.heatmap_model(card.name), card, x, requested,
+                                                         settings.method, layer=settings.layer)
         raw_probs = logits_to_probabilities(logits.float(), card.task_kind)[0].numpy()
         probs = calibration.calibrate(card, raw_probs)  # what /predict shows for this film
         finding = card.label_names[index]

@@ -40,6 +40,13 @@ MAX_FILE_SIZE = "64mb"
 # One request per model at a time (CAM hooks live on the shared module) and a bounded queue: a burst beyond it
 # is told the server is busy instead of waiting without end.
 QUEUE_MAX_SIZE = 32
+# Two lanes of the queue: a heatmap, a report or a compare (seconds, or minutes for Score-CAM) never holds up a
+# /predict (a fraction of a second). The heatmap lane runs two at a time so that one slow heatmap (at most one,
+# DemoService refuses a second) does not hold up the fast ones. DemoService keeps their models apart. Two
+# /predicts at a time were measured (bench.load, 2 cores): p50 halves, but heatmaps starve (p50 1.7 -> 7.7 s)
+# and the p95 stays above 2 s.
+PREDICT_LANE, HEATMAP_LANE = "predict", "heatmap"
+PREDICT_SLOTS, HEATMAP_SLOTS = 1, 2
 # (every, older than) seconds: an overlay is a whole radiograph; it is fetched within seconds of being made.
 CACHE_CLEANING = (60, 120)
 MOST_PROBABLE = "(most probable)"
@@ -271,6 +278,24 @@ def reliability_image(folder: Path) -> np.ndarray | None:
         return None
 
 
+def without_empty_temp_file(component):
+    """``component`` (a gr.File or gr.UploadButton of type ``filepath``) without the empty ``tmp*`` file that
+    Gradio 6.31's ``_process_single_file`` creates (and never deletes) in the cache folder for every request that
+    hands a file path on: one per /predict, 201 after 200 calls. The path handed on is the same. Set on the
+    instance: a subclass would make Gradio write a ``.pyi`` stub beside this module."""
+    from gradio.utils import NamedString
+    from gradio_client import utils as client_utils
+
+    def process_single_file(f):
+        if component.file_types and not client_utils.is_valid_file(f.path, component.file_types):
+            raise gr.Error(f"Invalid file type. Please upload a file that is one of these formats: {component.file_types}")
+        return NamedString(f.path)
+
+    if component.type == "filepath":
+        component._process_single_file = process_single_file
+    return component
+
+
 class Handlers:
     """The app's event handlers: Gradio values in, Gradio values out, user errors as ``gr.Error``.
 
@@ -496,10 +521,11 @@ def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.
         )
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=320):
-                upload = gr.File(label="Chest X-ray (PNG 8/16-bit, JPEG or DICOM): drop a file here or click",
-                                 file_types=UPLOAD_TYPES, type="filepath", height=110)
-                another = gr.UploadButton("Upload another film", file_types=UPLOAD_TYPES, size="sm",
-                                          variant="secondary")
+                upload = without_empty_temp_file(gr.File(
+                    label="Chest X-ray (PNG 8/16-bit, JPEG or DICOM): drop a file here or click", file_types=UPLOAD_TYPES,
+                    type="filepath", height=110))
+                another = without_empty_temp_file(gr.UploadButton("Upload another film", file_types=UPLOAD_TYPES,
+                                                                  size="sm", variant="secondary"))
                 with gr.Row():
                     model = gr.Dropdown(names, value=default_model, label="Model", allow_custom_value=True,
                                         min_width=160)
@@ -568,7 +594,7 @@ def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.
         upload.change(handlers.on_upload, [upload, model, image_state],
                       [preview, finding, image_note, image_state, *results], api_visibility="private").success(
             handlers.predict_new_film, [upload, model, op, image_state], [findings_json, findings],
-            api_visibility="private", concurrency_id="model", concurrency_limit=1)
+            api_visibility="private", concurrency_id=PREDICT_LANE, concurrency_limit=PREDICT_SLOTS)
         # "Upload another film" replaces the film without clearing the box first. The file is handed on as is
         # (it already lies in Gradio's upload folder), so decoding it deletes it like any upload.
         another.upload(lambda path: path, another, upload, api_visibility="private")
@@ -577,27 +603,28 @@ def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.
             _keep_examples_cached(demo, gallery, {Path(p).name for p in examples})
         gr.api(handlers.models_api, api_name="models")
         predict_btn.click(handlers.predict, [upload, model, op, image_state], [findings_json, findings], api_name="predict",
-                          concurrency_id="model", concurrency_limit=1)
+                          concurrency_id=PREDICT_LANE, concurrency_limit=PREDICT_SLOTS)
         explain_btn.click(handlers.explain, [upload, model, finding, method, gt_box, opacity, box_threshold, prior,
                                              lung_outline, image_state],
-                          [overlay, explain_json, explain_note], api_name="explain_prior", concurrency_id="model",
-                          concurrency_limit=1)
+                          [overlay, explain_json, explain_note], api_name="explain_prior", concurrency_id=HEATMAP_LANE,
+                          concurrency_limit=HEATMAP_SLOTS)
         # /explain keeps its seven values (plain-HTTP callers must send every value of an endpoint); it is an
         # event of a button no one sees, with the model's studied prior.
         explain_compat = gr.Button(visible=False)
         explain_compat.click(handlers.explain_studied_prior, [upload, model, finding, method, gt_box, opacity,
                                                               box_threshold, image_state],
-                             [overlay, explain_json, explain_note], api_name="explain", concurrency_id="model",
-                             concurrency_limit=1)
+                             [overlay, explain_json, explain_note], api_name="explain", concurrency_id=HEATMAP_LANE,
+                             concurrency_limit=HEATMAP_SLOTS)
         report_btn.click(handlers.report, [upload, model, op, finding, method, gt_box, image_state], report_file,
-                         api_name="report", concurrency_id="model", concurrency_limit=1)
+                         api_name="report", concurrency_id=HEATMAP_LANE, concurrency_limit=HEATMAP_SLOTS)
         compare_btn.click(handlers.compare, [upload, op, model, image_state], [compare_table, compare_json],
-                          api_name="compare", concurrency_id="model", concurrency_limit=1)
+                          api_name="compare", concurrency_id=HEATMAP_LANE, concurrency_limit=HEATMAP_SLOTS)
     return demo
 
 
 def configure_queue(demo: gr.Blocks) -> gr.Blocks:
-    """The app's queue: one running request per concurrency group, at most :data:`QUEUE_MAX_SIZE` waiting."""
+    """The app's queue: lanes :data:`PREDICT_LANE` (one request running) and :data:`HEATMAP_LANE`
+    (:data:`HEATMAP_SLOTS`), at most :data:`QUEUE_MAX_SIZE` waiting."""
     return demo.queue(default_concurrency_limit=1, max_size=QUEUE_MAX_SIZE)
 
 

@@ -12,6 +12,7 @@ never joined to a path.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -170,6 +171,7 @@ class Zoo:
         self.max_loaded = max_loaded or int(os.environ.get("CXR_DEMO_MAX_LOADED_MODELS", DEFAULT_MAX_LOADED))
         self._lock = threading.Lock()
         self._loaded: OrderedDict[str, torch.nn.Module] = OrderedDict()
+        self._heatmap_copies: dict[str, tuple[str, torch.nn.Module]] = {}
         self._ood: dict[str, OODDetector] = {}
         self.cards: dict[str, ModelCard] = {}
         self.folders: dict[str, Path] = {}
@@ -278,6 +280,21 @@ class Zoo:
                 log.info("zoo: unloaded %s (cache holds %d)", dropped, self.max_loaded)
         return model
 
+    def heatmap_model(self, name: str, purpose: str = "fast") -> torch.nn.Module:
+        """A copy of the model that only heatmaps use. pytorch-grad-cam hooks the target layers (Ablation-CAM
+        also swaps one), so a ``/predict`` running at the same time in another lane must never pass through
+        them. One copy per ``purpose`` (``fast`` heatmaps, ``slow`` ones: Score-CAM, Ablation-CAM, which run
+        beside the fast ones) is kept: the model explained last."""
+        with self._lock:
+            kept = self._heatmap_copies.get(purpose)
+            if kept is not None and kept[0] == name and name in self.cards:
+                return kept[1]
+            self._heatmap_copies.pop(purpose, None)  # the old copy goes before the new one is made
+        duplicate = copy.deepcopy(self.model(name)).eval()
+        with self._lock:
+            self._heatmap_copies[purpose] = (name, duplicate)
+        return duplicate
+
     def _build(self, card: ModelCard) -> torch.nn.Module:
         if card.architecture != ENSEMBLE_ARCHITECTURE:
             return load_weights(card, self.weights_path(card.name))
@@ -294,6 +311,9 @@ class Zoo:
                 return
             self.problems[name] = reason
             self._loaded.pop(name, None)
+            for purpose, (kept, _) in list(self._heatmap_copies.items()):
+                if kept == name:
+                    del self._heatmap_copies[purpose]
         log.error("withdrew model %s: %s", name, reason)
         for other, card in list(self.cards.items()):
             if card.architecture == ENSEMBLE_ARCHITECTURE and any(m.get("name") == name for m in card.model_args.get("members", [])):

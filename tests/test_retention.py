@@ -55,3 +55,24 @@ def test_temp_files_are_cleaned_at_start_and_on_sigterm(tmp_path):
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def test_requests_leave_no_empty_temp_files(live_app, tmp_path):
+    """Gradio 6.31's gr.File left an empty ``tmp*`` file in the cache folder on every call that handed on a file
+    path (one per /predict); the app's upload component does not."""
+    import httpx
+
+    from tests.helpers import http_call
+
+    film = tmp_path / "film.png"
+    Image.fromarray((synthetic_xray(256) * 255).astype(np.uint8)).save(film)
+    cache = Path(os.environ["GRADIO_TEMP_DIR"])
+
+    def empty_files() -> set[Path]:
+        return {p for p in cache.glob("tmp*") if p.is_file() and p.stat().st_size == 0}
+
+    before = empty_files()
+    with httpx.Client(timeout=120) as http:
+        for _ in range(3):
+            http_call(http, live_app, "predict", film, "nih14-small-cnn", "f1")
+    assert empty_files() - before == set()

@@ -1,0 +1,192 @@
+"""Sustained load with a slow heatmap running: latency, errors, memory and leftover files, round after round.
+
+    python -m bench.load                                   # 5 rounds of 8 clients x 100 mixed requests
+    python -m bench.load --rounds 5 --markdown docs/bench/load-cpu2.md --json docs/bench/load-cpu2.json
+
+Starts ``python app.py`` (``CXR_DEMO_SLOW_CAM=1`` so that a minutes-long Score-CAM can be asked for, and its own
+``GRADIO_TEMP_DIR`` so that the files it leaves can be counted). Each round, ``--clients`` gradio_client clients
+send ``--requests-per-client`` requests each (3 ``/predict`` : 1 ``/explain``, over the first
+``--models`` zoo models, the default model first) while one more client keeps a slow heatmap running
+(``--slow-method`` on ``--slow-model``, one after the other, through all rounds). After each round: ``/predict`` and ``/explain``
+p50/p95, errors, the server's resident memory (VmRSS now and its peak VmHWM), and the files left in the temp
+folder (uploads and results of finished requests; Gradio deletes cached results after ``CACHE_CLEANING``).
+Exit status 1 when a round has an error or ``/predict``'s p95 exceeds ``--p95-bound-s``. Run it on an otherwise
+idle machine: timings on 2 shared cores are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.serving import DEFAULT_IMAGE, _peak_rss_mb, start_app
+from cxr_demo.zoo import Zoo
+from tests.helpers import free_port
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size (VmRSS) of a process now, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def temp_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()]
+
+
+class Calls:
+    """Latencies and errors of calls to the running app, by key."""
+
+    def __init__(self, image: Path, operating_points: dict[str, str]) -> None:
+        self.image, self.ops = image, operating_points
+        self.lock = threading.Lock()
+        self.lat: dict[str, list[float]] = {}
+        self.errors: list[str] = []
+
+    def call(self, c, endpoint: str, name: str, method: str, key: str) -> None:
+        from gradio_client import handle_file
+
+        t = time.perf_counter()
+        try:
+            if endpoint == "predict":
+                c.predict(handle_file(str(self.image)), name, self.ops[name], api_name="/predict")
+            else:
+                c.predict(handle_file(str(self.image)), name, "", method, api_name="/explain")
+        except Exception as e:  # counted and reported, the benchmark goes on
+            with self.lock:
+                self.errors.append(f"{key} {name} {method}: {type(e).__name__}: {str(e)[:200]}")
+            return
+        with self.lock:
+            self.lat.setdefault(key, []).append(time.perf_counter() - t)
+
+    def take(self) -> tuple[dict[str, list[float]], list[str]]:
+        with self.lock:
+            out = (self.lat, self.errors)
+            self.lat, self.errors = {}, []
+            return out
+
+
+def one_round(url: str, calls: Calls, models: list[str], clients: int, per_client: int) -> dict:
+    from gradio_client import Client
+
+    def worker(k: int) -> None:
+        c = Client(url, verbose=False)
+        for i in range(per_client):
+            endpoint = "explain" if (i + k) % 4 == 0 else "predict"
+            calls.call(c, endpoint, models[(i + k) % len(models)], "default", endpoint)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    lat, errors = calls.take()
+    out = {"wall_s": wall, "errors": len(errors), "error_examples": errors[:5],
+           "slow_heatmaps_finished_during_round": len(lat.get("slow", [])),
+           "slow_heatmap_s": [round(v, 1) for v in lat.get("slow", [])]}
+    for e in ("predict", "explain"):
+        if lat.get(e):
+            out.update({f"{e}_n": len(lat[e]), f"{e}_p50_s": float(np.percentile(lat[e], 50)),
+                        f"{e}_p95_s": float(np.percentile(lat[e], 95)), f"{e}_max_s": float(max(lat[e]))})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--image", type=Path, default=DEFAULT_IMAGE)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--requests-per-client", type=int, default=100)
+    p.add_argument("--models", type=int, default=3, help="the first N zoo models (the default model first)")
+    p.add_argument("--slow-model", default="nih14-efficientnet-lite0")
+    p.add_argument("--slow-method", default="scorecam", help="'none': no slow heatmap")
+    p.add_argument("--p95-bound-s", type=float, default=2.0)
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--markdown", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    zoo = Zoo()
+    models = zoo.names[: args.models]
+    slow = None if args.slow_method == "none" else (args.slow_model, args.slow_method)
+    ops = {n: zoo.card(n).operating_points[0] for n in models}
+    temp = Path(tempfile.mkdtemp(prefix="cxr-load-"))
+    os.environ.update(CXR_DEMO_SLOW_CAM="1", GRADIO_TEMP_DIR=str(temp))
+    proc, ready_s, url = start_app(free_port(), profiling=False)
+    calls = Calls(args.image, ops)
+    done = threading.Event()
+
+    def slow_worker() -> None:
+        from gradio_client import Client
+
+        c = Client(url, verbose=False)
+        while not done.is_set():
+            calls.call(c, "explain", slow[0], slow[1], "slow")
+
+    rounds = []
+    try:
+        slow_thread = threading.Thread(target=slow_worker, daemon=True) if slow else None
+        if slow_thread:
+            slow_thread.start()
+            time.sleep(3.0)  # the slow heatmap is running before the clients start
+        for r in range(args.rounds):
+            res = one_round(url, calls, models, args.clients, args.requests_per_client)
+            res.update(round=r + 1, rss_now_mib=rss_mb(proc.pid), rss_peak_mib=_peak_rss_mb(proc.pid))
+            files = temp_files(temp)
+            res["temp_files_after_round"] = len(files)
+            res["temp_file_kinds"] = sorted({f.suffix or f.name[:3] for f in files})
+            rounds.append(res)
+            print(json.dumps({k: v for k, v in res.items() if k != "slow_heatmap_s"}), flush=True)
+        done.set()
+        if slow_thread:  # the slow heatmap under way finishes before the final count
+            slow_thread.join(timeout=1200)
+        tail_lat, tail_errors = calls.take()
+        time.sleep(5)
+        final_rss = rss_mb(proc.pid)
+        left = temp_files(temp)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    result = {"image": str(args.image), "models": models, "clients": args.clients,
+              "requests_per_client": args.requests_per_client, "mix": "3 /predict : 1 /explain (default settings)",
+              "slow_heatmap": None if slow is None else {"model": slow[0], "method": slow[1]},
+              "server_ready_s": ready_s, "rounds": rounds, "rss_after_all_mib": final_rss,
+              "temp_files_after_all": len(left), "cpu_count": os.cpu_count(),
+              "after_last_round": {"slow_heatmap_s": [round(v, 1) for v in tail_lat.get("slow", [])],
+                                   "errors": tail_errors},
+              "command": "python -m bench.load " + " ".join(argv or [])}
+    lines = [f"Load: {args.clients} clients x {args.requests_per_client} requests per round "
+             f"(3 /predict : 1 /explain over {', '.join(models)})"
+             + (f", while {slow[1]} on {slow[0]} runs back to back" if slow else "") + f"; {os.cpu_count()} CPUs.", "",
+             "| round | wall s | errors | /predict p50 / p95 / max s | /explain p50 / p95 s | slow heatmaps finished (s) "
+             "| RSS now / peak MiB | temp files |", "|---|---|---|---|---|---|---|---|"]
+    for r in rounds:
+        lines.append(f"| {r['round']} | {r['wall_s']:.0f} | {r['errors']} | {r.get('predict_p50_s', float('nan')):.2f} / "
+                     f"{r.get('predict_p95_s', float('nan')):.2f} / {r.get('predict_max_s', float('nan')):.2f} | "
+                     f"{r.get('explain_p50_s', float('nan')):.2f} / {r.get('explain_p95_s', float('nan')):.2f} | "
+                     f"{r['slow_heatmaps_finished_during_round']} ({', '.join(map(str, r['slow_heatmap_s'])) or '-'}) | "
+                     f"{r['rss_now_mib']:.0f} / {r['rss_peak_mib']:.0f} | {r['temp_files_after_round']} |")
+    lines += ["", f"After the last round and the last slow heatmap: RSS {final_rss:.0f} MiB, {len(left)} files in the "
+              "temp folder."]
+    text = "\n".join(lines)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    ok = not tail_errors and all(r["errors"] == 0 and r.get("predict_p95_s", 0) <= args.p95_bound_s for r in rounds)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""A slow heatmap never holds up /predict (#14 item 3): two queue lanes, a heatmap copy of each model, and slow
+heatmap methods that step aside for interactive work."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cxr_demo.inference import preprocess
+from cxr_demo.service import DemoService, InteractiveFirst
+from cxr_demo.zoo import DEFAULT_CHECKPOINTS, Zoo, ZooSource
+from tests.helpers import http_call, synthetic_xray
+
+SMALL = "nih14-small-cnn"
+
+
+@pytest.fixture(scope="module")
+def small_zoo():
+    zoo = Zoo(ZooSource(DEFAULT_CHECKPOINTS))
+    if SMALL not in zoo.names:
+        pytest.skip(f"{SMALL} is not committed")
+    return zoo
+
+
+def test_predict_is_answered_while_a_heatmap_is_still_running(small_zoo, monkeypatch, tmp_path):
+    """Before the lanes, every endpoint shared one queue slot: a /predict sent during a minutes-long Score-CAM
+    waited for it. Here the heatmap blocks until the test releases it."""
+    from cxr_demo.ui import build_demo, configure_queue, launch_kwargs
+
+    started, release = threading.Event(), threading.Event()
+    real_explain = DemoService.explain
+
+    def held_explain(self, *args, **kwargs):
+        started.set()
+        release.wait(timeout=120)
+        return real_explain(self, *args, **kwargs)
+
+    monkeypatch.setattr(DemoService, "explain", held_explain)
+    demo = configure_queue(build_demo(small_zoo, examples=[]))
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
+                            **launch_kwargs())
+    image = tmp_path / "film.png"
+    Image.fromarray((synthetic_xray(256) * 255).astype(np.uint8)).save(image)
+    try:
+        with httpx.Client(timeout=120) as http:
+            failed: list[BaseException] = []
+
+            def explain():
+                try:
+                    http_call(http, url, "explain", image, SMALL, "", "default", "", 0.5, 0.0)
+                except BaseException as e:  # noqa: BLE001 - reported below
+                    failed.append(e)
+
+            heatmap = threading.Thread(target=explain)
+            heatmap.start()
+            assert started.wait(timeout=60), f"the heatmap request never started: {failed}"
+            t0 = time.perf_counter()
+            out = http_call(http, url, "predict", image, SMALL, "f1")
+            waited = time.perf_counter() - t0
+            assert heatmap.is_alive(), "the heatmap finished before /predict was answered: nothing was tested"
+            assert out[0]["model"] == SMALL and waited < 30
+            release.set()
+            heatmap.join(timeout=120)
+            assert not failed
+    finally:
+        release.set()
+        demo.close()
+
+
+def test_heatmaps_run_on_their_own_copy_of_the_model(small_zoo):
+    """pytorch-grad-cam hooks the explained layers: a /predict running meanwhile must not pass through them."""
+    assert small_zoo.heatmap_model(SMALL) is not small_zoo.model(SMALL)
+    assert small_zoo.heatmap_model(SMALL) is small_zoo.heatmap_model(SMALL)  # kept for the next heatmap
+    a, b = small_zoo.model(SMALL).state_dict(), small_zoo.heatmap_model(SMALL).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_predictions_are_the_same_while_heatmaps_run(small_zoo):
+    service = DemoService(small_zoo, lungs=False)
+    from cxr_demo.images import XRay
+
+    xray = XRay(pixels=synthetic_xray(256), source_format="test")
+    alone = [r["probability"] for r in service.predict(xray, SMALL, "f1").document["findings"]]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def heatmaps():
+        try:
+            while not stop.is_set():
+                service.explain(xray, SMALL, "", "gradcam")
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            errors.append(e)
+
+    worker = threading.Thread(target=heatmaps)
+    worker.start()
+    try:
+        during = [[r["probability"] for r in service.predict(xray, SMALL, "f1").document["findings"]]
+                  for _ in range(10)]
+    finally:
+        stop.set()
+        worker.join(timeout=60)
+    assert not errors
+    for probs in during:
+        assert np.allclose(probs, alone, atol=1e-6)
+
+
+def test_slow_work_steps_aside_while_interactive_work_waits():
+    gate = InteractiveFirst(max_wait_s=5.0, linger_s=0.0)
+    t0 = time.perf_counter()
+    gate.step_aside()  # nothing urgent: no wait
+    assert time.perf_counter() - t0 < 0.5
+    waited: list[float] = []
+
+    def slow_step():
+        t = time.perf_counter()
+        gate.step_aside()
+        waited.append(time.perf_counter() - t)
+
+    with gate.urgent():
+        worker = threading.Thread(target=slow_step)
+        worker.start()
+        time.sleep(0.5)
+        assert worker.is_alive()  # waiting for the urgent work
+    worker.join(timeout=5)
+    assert 0.4 < waited[0] < 4.0
+    # Never starved for good: at most max_wait_s per step.
+    gate = InteractiveFirst(max_wait_s=0.2)
+    with gate.urgent():
+        t = time.perf_counter()
+        gate.step_aside()
+        assert time.perf_counter() - t < 2.0
+    # Right after interactive work ends, slow work waits a little longer (the next request is usually queued).
+    gate = InteractiveFirst(max_wait_s=5.0, linger_s=0.5)
+    with gate.urgent():
+        pass
+    t = time.perf_counter()
+    gate.step_aside()
+    assert 0.3 < time.perf_counter() - t < 2.0
+
+
+def test_slow_heatmap_methods_pause_before_each_forward_pass(small_zoo):
+    from cxr_demo.cam import heatmap_and_logits
+
+    card = small_zoo.card(SMALL)
+    x = preprocess(synthetic_xray(256), card)
+    calls = []
+    heat, _, _ = heatmap_and_logits(small_zoo.heatmap_model(SMALL), card, x, None, "scorecam",
+                                    pause=lambda: calls.append(1))
+    # one forward for the activations, then the masked inputs in batches of 4
+    assert len(calls) >= 2 and heat.shape == (card.input_size, card.input_size)
+    assert not small_zoo.heatmap_model(SMALL)._forward_pre_hooks  # the hook is gone afterwards
+
+
+def test_a_second_slow_heatmap_is_refused_with_a_sentence(small_zoo):
+    from cxr_demo.card import ChoiceError
+    from cxr_demo.images import XRay
+    from cxr_demo.service import SLOW_HEATMAP_BUSY
+
+    service = DemoService(small_zoo, allow_slow_cam=True, lungs=False)
+    xray = XRay(pixels=synthetic_xray(256), source_format="test")
+    assert service._slow_heatmap_lock.acquire()  # as if a Score-CAM were under way
+    try:
+        with pytest.raises(ChoiceError, match="Another slow heatmap"):
+            service.explain(xray, SMALL, "", "scorecam")
+        service.explain(xray, SMALL, "", "gradcam")  # a fast one still runs
+    finally:
+        service._slow_heatmap_lock.release()
+    assert "Try again" in SLOW_HEATMAP_BUSY
