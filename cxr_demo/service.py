@@ -137,10 +137,10 @@ class DemoService:
     """Predict and explain with the models of a :class:`Zoo`.
 
     The app's two lanes (``predict``: one request at a time; ``heatmap``: two) run at once: forward passes use
-    the zoo's model under one lock; heatmaps use the zoo's heatmap copies (:meth:`Zoo.heatmap_model`), because
-    pytorch-grad-cam hooks the layers it explains: fast ones one at a time on one copy, a slow one (at most one)
-    on another, stepping aside for ``/predict`` and fast heatmaps (:class:`InteractiveFirst`); the lung model
-    has a lock of its own.
+    the zoo's model without a lock (eval mode under ``inference_mode`` changes nothing); heatmaps use the zoo's
+    heatmap copies (:meth:`Zoo.heatmap_model`), because pytorch-grad-cam hooks the layers it explains: fast ones
+    one at a time on one copy, a slow one (at most one) on another, stepping aside for ``/predict``
+    (:class:`InteractiveFirst`); the lung model has a lock of its own.
     """
 
     def __init__(self, zoo: Zoo, allow_slow_cam: bool | None = None, lungs: LungSegmenter | None | bool = True) -> None:
@@ -326,12 +326,13 @@ class DemoService:
         requested = card.label_names.index(finding) if finding else None
         if settings.method in SLOW_CAM_METHODS:
             # Beside the fast heatmaps (the heatmap lane runs two at a time), one at a time, stepping aside for
-            # every /predict and fast heatmap; a second one is refused at once instead of taking the other slot.
+            # /predict; a second one is refused at once instead of taking the other slot.
             if not self._slow_heatmap_lock.acquire(blocking=False):
                 raise ChoiceError(SLOW_HEATMAP_BUSY)
             try:
                 heat, logits, index = heatmap_and_logits(self.zoo.heatmap_model(card.name, "slow"), card, x, requested,
-                                                         settings.method, layer=settings.layer)
+                                                         settings.method, layer=settings.layer,
+                                                         pause=self._interactive.step_aside)
             finally:
                 self._slow_heatmap_lock.release()
         else:

@@ -172,3 +172,24 @@ def test_a_second_slow_heatmap_is_refused_with_a_sentence(small_zoo):
     finally:
         service._slow_heatmap_lock.release()
     assert "Try again" in SLOW_HEATMAP_BUSY
+
+
+def test_the_service_runs_slow_heatmaps_with_the_step_aside_pause(small_zoo, monkeypatch):
+    """The wiring, not only the mechanism: a Score-CAM through DemoService waits while a /predict runs."""
+    import cxr_demo.service as service_module
+    from cxr_demo.images import XRay
+
+    seen = {}
+    real = service_module.heatmap_and_logits
+
+    def spy(*args, **kwargs):
+        seen[args[4]] = kwargs.get("pause")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(service_module, "heatmap_and_logits", spy)
+    service = DemoService(small_zoo, allow_slow_cam=True, lungs=False)
+    xray = XRay(pixels=synthetic_xray(256), source_format="test")
+    service.explain(xray, SMALL, "", "scorecam")
+    service.explain(xray, SMALL, "", "gradcam")
+    assert seen["scorecam"] == service._interactive.step_aside
+    assert seen["gradcam"] is None  # fast heatmaps are interactive work themselves
