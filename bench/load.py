@@ -7,8 +7,8 @@ Starts ``python app.py`` (``CXR_DEMO_SLOW_CAM=1`` so that a minutes-long Score-C
 ``GRADIO_TEMP_DIR`` so that the files it leaves can be counted). Each round, ``--clients`` gradio_client clients
 send ``--requests-per-client`` requests each (3 ``/predict`` : 1 ``/explain``, over the first
 ``--models`` zoo models, the default model first) while one more client keeps a slow heatmap running
-(``--slow-method`` on ``--slow-model``, one after the other, through all rounds). After each round: ``/predict`` and ``/explain``
-p50/p95, errors, the server's resident memory (VmRSS now and its peak VmHWM), and the files left in the temp
+(``--slow-method`` on ``--slow-model``, one after the other, through all rounds). After each round: ``/predict``
+and ``/explain`` p50/p95, errors, the server's resident memory (VmRSS now and its peak VmHWM), and the files left in the temp
 folder (uploads and results of finished requests; Gradio deletes cached results after ``CACHE_CLEANING``).
 Exit status 1 when a round has an error or ``/predict``'s p95 exceeds ``--p95-bound-s``. Run it on an otherwise
 idle machine: timings on 2 shared cores are noisy.
@@ -26,17 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.serving import DEFAULT_IMAGE, _peak_rss_mb, start_app
+from bench.serving import DEFAULT_IMAGE, _peak_rss_mb, _status_mib, start_app
 from cxr_demo.zoo import Zoo
 from tests.helpers import free_port
 
 
 def rss_mb(pid: int) -> float:
     """Resident set size (VmRSS) of a process now, in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return _status_mib(pid, "VmRSS")
 
 
 def temp_files(folder: Path) -> list[Path]:

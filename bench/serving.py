@@ -135,12 +135,17 @@ def server_phases(summary: dict) -> dict[str, float]:
     return out
 
 
-def _peak_rss_mb(pid: int) -> float:
-    """Peak resident set size (VmHWM) of a process, in MiB."""
+def _status_mib(pid: int, field: str) -> float:
+    """A memory field of /proc/<pid>/status (``VmHWM``: peak resident set size, ``VmRSS``: now), in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _peak_rss_mb(pid: int) -> float:
+    """Peak resident set size (VmHWM) of a process, in MiB."""
+    return _status_mib(pid, "VmHWM")
 
 
 def start_app(port: int, noop: bool = False, profiling: bool = True) -> tuple[subprocess.Popen, float, str]:

@@ -184,7 +184,7 @@ def heatmap_and_logits(
     cam = cam_class(method)(model=model, target_layers=layers, **kwargs)
     if method in {"scorecam", "ablationcam"}:
         cam.batch_size = 32 if pause is None else 4
-    waiting = model.register_forward_pre_hook(lambda *_: pause()) if pause is not None else None  # type: ignore[misc]
+    waiting = model.register_forward_pre_hook(lambda *_: pause()) if pause is not None else None
     # Not ``with cam:``: BaseCAM.__exit__ prints and swallows IndexError, hiding real failures.
     try:
         # targets=None: pytorch-grad-cam explains the arg-max logit, the top finding (sigmoid and softmax

@@ -29,9 +29,12 @@ ENSEMBLE_ARCHITECTURE = "cxr_ensemble"
 NON_TIMM_ARCHITECTURES = ("cxr_small_cnn", ENSEMBLE_ARCHITECTURE)
 
 OPERATING_POINTS: tuple[str, ...] = ("f1", "youden", "screening")
+# The ``f1`` rule's flag budget: per finding, at most this many validation flags per validation positive
+# (``training.metrics.tune_thresholds``).
+F1_FLAG_BUDGET = 1.5
 OPERATING_POINT_HELP: dict[str, str] = {
-    "f1": "best F1 per finding while flagging at most 1.5 images per true case (validation): few flags, "
-          "about as many as there are findings",
+    "f1": f"best F1 per finding while flagging at most {F1_FLAG_BUDGET} images per true case (validation): few "
+          "flags, about as many as there are findings",
     "youden": "sensitivity + specificity - 1 maximised per finding (validation): catches more, flags several "
               "findings per film",
     "screening": "highest threshold that keeps validation sensitivity >= 0.9: misses little, flags many findings per "

@@ -37,14 +37,12 @@ log = logging.getLogger(__name__)
 
 UPLOAD_TYPES = list(IMAGE_SUFFIXES)
 MAX_FILE_SIZE = "64mb"
-# One request per model at a time (CAM hooks live on the shared module) and a bounded queue: a burst beyond it
-# is told the server is busy instead of waiting without end.
+# A bounded queue: a burst beyond it is told the server is busy instead of waiting without end.
 QUEUE_MAX_SIZE = 32
 # Two lanes of the queue: a heatmap, a report or a compare (seconds, or minutes for Score-CAM) never holds up a
 # /predict (a fraction of a second). The heatmap lane runs two at a time so that one slow heatmap (at most one,
 # DemoService refuses a second) does not hold up the fast ones. DemoService keeps their models apart. Two
-# /predicts at a time were measured (bench.load, 2 cores): p50 halves, but heatmaps starve (p50 1.7 -> 7.7 s)
-# and the p95 stays above 2 s.
+# /predicts at a time starved the heatmaps under load (README, Speed).
 PREDICT_LANE, HEATMAP_LANE = "predict", "heatmap"
 PREDICT_SLOTS, HEATMAP_SLOTS = 1, 2
 # (every, older than) seconds: an overlay is a whole radiograph; it is fetched within seconds of being made.

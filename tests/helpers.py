@@ -104,6 +104,12 @@ def two_lungs(size: int = 64) -> np.ndarray:
     return m
 
 
+def write_film(path: Path, size: int = 256, seed: int = 0) -> Path:
+    """:func:`synthetic_xray` saved as an 8-bit PNG at ``path``."""
+    Image.fromarray((synthetic_xray(size, seed) * 255).astype(np.uint8)).save(path)
+    return path
+
+
 def synthetic_xray(size: int = 256, seed: int = 0) -> np.ndarray:
     """A grayscale chest-like image in [0, 1]: dark lungs in a bright body, with noise."""
     rng = np.random.default_rng(seed)

@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cxr_demo.card import checkpoint_folders, read_card
+from cxr_demo.card import F1_FLAG_BUDGET, checkpoint_folders, read_card
 from cxr_demo.ensemble import ENSEMBLE_ARCHITECTURE, members_digest
 from cxr_demo.inference import predict_probabilities, preprocess
 from cxr_demo.models import load_weights, sha256_file
 from cxr_demo.zoo import DEFAULT_CHECKPOINTS, load_checkpoint
 from tests.helpers import NIH, synthetic_xray
-from training.metrics import F1_FLAG_BUDGET
 
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = checkpoint_folders(DEFAULT_CHECKPOINTS)

@@ -10,14 +10,18 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from cxr_demo.images import XRay
 from cxr_demo.inference import preprocess
 from cxr_demo.service import DemoService, InteractiveFirst
 from cxr_demo.zoo import DEFAULT_CHECKPOINTS, Zoo, ZooSource
-from tests.helpers import http_call, synthetic_xray
+from tests.helpers import http_call, synthetic_xray, write_film
 
 SMALL = "nih14-small-cnn"
+
+
+def film() -> XRay:
+    return XRay(pixels=synthetic_xray(256), source_format="test")
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +49,7 @@ def test_predict_is_answered_while_a_heatmap_is_still_running(small_zoo, monkeyp
     demo = configure_queue(build_demo(small_zoo, examples=[]))
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
                             **launch_kwargs())
-    image = tmp_path / "film.png"
-    Image.fromarray((synthetic_xray(256) * 255).astype(np.uint8)).save(image)
+    image = write_film(tmp_path / "film.png")
     try:
         with httpx.Client(timeout=120) as http:
             failed: list[BaseException] = []
@@ -83,9 +86,7 @@ def test_heatmaps_run_on_their_own_copy_of_the_model(small_zoo):
 
 def test_predictions_are_the_same_while_heatmaps_run(small_zoo):
     service = DemoService(small_zoo, lungs=False)
-    from cxr_demo.images import XRay
-
-    xray = XRay(pixels=synthetic_xray(256), source_format="test")
+    xray = film()
     alone = [r["probability"] for r in service.predict(xray, SMALL, "f1").document["findings"]]
     stop = threading.Event()
     errors: list[BaseException] = []
@@ -159,11 +160,10 @@ def test_slow_heatmap_methods_pause_before_each_forward_pass(small_zoo):
 
 def test_a_second_slow_heatmap_is_refused_with_a_sentence(small_zoo):
     from cxr_demo.card import ChoiceError
-    from cxr_demo.images import XRay
     from cxr_demo.service import SLOW_HEATMAP_BUSY
 
     service = DemoService(small_zoo, allow_slow_cam=True, lungs=False)
-    xray = XRay(pixels=synthetic_xray(256), source_format="test")
+    xray = film()
     assert service._slow_heatmap_lock.acquire()  # as if a Score-CAM were under way
     try:
         with pytest.raises(ChoiceError, match="Another slow heatmap"):
@@ -177,8 +177,6 @@ def test_a_second_slow_heatmap_is_refused_with_a_sentence(small_zoo):
 def test_the_service_runs_slow_heatmaps_with_the_step_aside_pause(small_zoo, monkeypatch):
     """The wiring, not only the mechanism: a Score-CAM through DemoService waits while a /predict runs."""
     import cxr_demo.service as service_module
-    from cxr_demo.images import XRay
-
     seen = {}
     real = service_module.heatmap_and_logits
 
@@ -188,7 +186,7 @@ def test_the_service_runs_slow_heatmaps_with_the_step_aside_pause(small_zoo, mon
 
     monkeypatch.setattr(service_module, "heatmap_and_logits", spy)
     service = DemoService(small_zoo, allow_slow_cam=True, lungs=False)
-    xray = XRay(pixels=synthetic_xray(256), source_format="test")
+    xray = film()
     service.explain(xray, SMALL, "", "scorecam")
     service.explain(xray, SMALL, "", "gradcam")
     assert seen["scorecam"] == service._interactive.step_aside

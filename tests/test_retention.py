@@ -62,10 +62,9 @@ def test_requests_leave_no_empty_temp_files(live_app, tmp_path):
     path (one per /predict); the app's upload component does not."""
     import httpx
 
-    from tests.helpers import http_call
+    from tests.helpers import http_call, write_film
 
-    film = tmp_path / "film.png"
-    Image.fromarray((synthetic_xray(256) * 255).astype(np.uint8)).save(film)
+    film = write_film(tmp_path / "film.png")
     cache = Path(os.environ["GRADIO_TEMP_DIR"])
 
     def empty_files() -> set[Path]:

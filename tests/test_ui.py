@@ -21,7 +21,7 @@ from cxr_demo.ui import (
     findings_html,
 )
 from cxr_demo.zoo import DEFAULT_CHECKPOINTS, Zoo, ZooSource
-from tests.helpers import make_checkpoint, synthetic_xray
+from tests.helpers import make_checkpoint, synthetic_xray, write_film
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +30,7 @@ def zoo():
 
 
 def _png(path: Path, size: int = 128, seed: int = 0) -> str:
-    Image.fromarray((synthetic_xray(size, seed) * 255).astype(np.uint8)).save(path)
-    return str(path)
+    return str(write_film(path, size, seed))
 
 
 def test_example_films_outlive_the_cache_cleaner(zoo):

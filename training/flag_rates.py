@@ -9,9 +9,8 @@ test image), applies each operating point's thresholds, and writes ``docs/flags/
 per image, mean true findings per image and their ratio, with and without the findings that the app does not
 flag because their test AUROC CI includes 0.5 (``cxr_demo.service``), and on the validation films that have
 at least one finding. The per-finding numbers also go into the card (``training.flag_meaning``), from where
-``/predict`` shows them beside each flag. The same thresholds were tuned on these images, so every rate here is
-optimistic, so the
-file also holds the **out-of-fold** rates (thresholds tuned on 4 of 5 patient-disjoint folds of validation, applied
+``/predict`` shows them beside each flag. The same thresholds were tuned on these images, so those rates are
+optimistic; the file also holds the **out-of-fold** rates (thresholds tuned on 4 of 5 patient-disjoint folds of validation, applied
 to the fifth) and the rates on the test images (from the stored ``test_predictions.npz``; these hold ~2 findings
 per image and almost no normal films).
 
@@ -30,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import GroupKFold
 
-from cxr_demo.card import EVAL_FILE, read_card, write_card
+from cxr_demo.card import EVAL_FILE, OPERATING_POINTS, read_card, write_card
 from cxr_demo.paths import PROJECT_ROOT
 from cxr_demo.service import DemoService, is_reliable
 from cxr_demo.zoo import Zoo, ZooSource
@@ -93,7 +92,7 @@ def rates(y: np.ndarray, flags: np.ndarray, reliable: np.ndarray) -> dict:
 def out_of_fold_thresholds(y: np.ndarray, probs: np.ndarray, patients: np.ndarray, labels: list[str]) -> dict:
     """Per operating point, an (images x findings) array of thresholds, each image's tuned without its patient's
     fold."""
-    out = {op: np.zeros_like(probs) for op in ("f1", "youden", "screening")}
+    out = {op: np.zeros_like(probs) for op in OPERATING_POINTS}
     for fit_idx, held in GroupKFold(n_splits=FOLDS).split(probs, groups=patients):
         tuned = tune_card_thresholds(y[fit_idx], probs[fit_idx], labels)
         for op, per_label in tuned.items():

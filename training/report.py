@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_demo.card import EVAL_FILE, ModelCard, checkpoint_folders, read_card, zoo_order
+from cxr_demo.card import EVAL_FILE, F1_FLAG_BUDGET, ModelCard, checkpoint_folders, read_card, zoo_order
 from cxr_demo.paths import DEFAULT_CHECKPOINTS
 from cxr_demo.paths import PROJECT_ROOT as ROOT
 from cxr_demo.zoo import PINS_FILE
@@ -130,7 +130,7 @@ def model_zoo_doc(checkpoints: Path = DEFAULT_CHECKPOINTS) -> str:
             cells = [f"{ev['per_label'][lab]['auroc']:.2f}" if ev["per_label"][lab]["auroc"] is not None else "—" for lab in labels]
             out.append(f"| {card.name} | " + " | ".join(cells) + " |")
         out += ["", "## Operating points (thresholds tuned on validation images only)", "",
-                "| model | F1 (flag budget 1.5x): macro F1 / recall | Youden: macro F1 / recall | screening: macro F1 / recall | exact match (F1 point) |",
+                f"| model | F1 (flag budget {F1_FLAG_BUDGET}x): macro F1 / recall | Youden: macro F1 / recall | screening: macro F1 / recall | exact match (F1 point) |",
                 "|---|---|---|---|---|"]
         for _, card, ev in nih:
             ops = ev["operating_points"]

@@ -354,6 +354,8 @@ def main(argv: list[str] | None = None) -> Path:
         model.load_state_dict({k: v.float() for k, v in state.items()})
     p_val = predict_array(model, x_val, mean, std, task.task_kind)
     thresholds = tune_card_thresholds(y_val, p_val, task.label_names)
+    command = (("torchrun --nproc_per_node %d -m training.train " % world if world > 1 else "python -m training.train ")
+               + " ".join(argv if argv is not None else sys.argv[1:]))
     n_val_pos = {name: int(np.nansum(y_val[:, j])) for j, name in enumerate(task.label_names)}
     val_findings_only = macro_auroc_with_finding(y_val, p_val) if task.task_kind == "multilabel" else None
     val_all = macro_auroc(y_val, p_val)  # of the weights as shipped, whichever validation view chose the epoch
@@ -397,10 +399,9 @@ def main(argv: list[str] | None = None) -> Path:
         data_source=task.data_source,
         init=init_text,
         training={
-            "command": ("torchrun --nproc_per_node %d -m training.train " % world if world > 1 else "python -m training.train ")
-                       + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": command,
             "n_train": len(train), "n_val": len(val), "val_fraction": args.val_fraction, "val_patients": len({r.patient for r in val}),
-            "val_positives": n_val_pos, "thresholds": threshold_record(len(val), "python -m training.train"),
+            "val_positives": n_val_pos, "thresholds": threshold_record(len(val), command),
             "best_epoch": best_epoch, "val_macro_auroc": val_all,
             "epoch_chosen_on": "validation films with a finding" if args.select_on == "findings" else "all validation films",
             "epochs_run": epoch + 1, "loss": loss_kind, "optimizer": opt_cls.__name__, "lr": args.lr,
