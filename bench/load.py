@@ -6,7 +6,9 @@
 Starts ``python app.py`` (``CXR_DEMO_SLOW_CAM=1`` so that a minutes-long Score-CAM can be asked for, and its own
 ``GRADIO_TEMP_DIR`` so that the files it leaves can be counted). Each round, ``--clients`` gradio_client clients
 send ``--requests-per-client`` requests each (3 ``/predict`` : 1 ``/explain``, over the first
-``--models`` zoo models, the default model first) while one more client keeps a slow heatmap running
+``--models`` zoo models, the default model first; each request a film of its own, drawn in turn from ``--films``
+NIH train/validation films, so that no answer kept for a film is reused, or ``--films 1``: one film for every
+request, as a user comparing models on one film) while one more client keeps a slow heatmap running
 (``--slow-method`` on ``--slow-model``, one after the other, through all rounds). After each round: ``/predict``
 and ``/explain`` p50/p95, errors, the server's resident memory (VmRSS now and its peak VmHWM), and the files left in the temp
 folder (uploads and results of finished requests; Gradio deletes cached results after ``CACHE_CLEANING``).
@@ -40,11 +42,24 @@ def temp_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file()]
 
 
-class Calls:
-    """Latencies and errors of calls to the running app, by key."""
+def nih_films(n: int, first: Path = DEFAULT_IMAGE) -> list[Path]:
+    """``first`` and then n - 1 other NIH films of the official train/validation list (never a test film),
+    in a fixed order."""
+    folder = first.parent.parent
+    names = sorted(set((folder / "train_val_list.txt").read_text().split()) - {first.name})
+    names = [names[i] for i in np.random.default_rng(0).permutation(len(names))]
+    films = [first] + [folder / "images" / m for m in names if (folder / "images" / m).is_file()]
+    if len(films) < n:
+        raise SystemExit(f"only {len(films)} NIH train/validation films in {folder / 'images'}; asked for {n}")
+    return films[:n]
 
-    def __init__(self, image: Path, operating_points: dict[str, str]) -> None:
-        self.image, self.ops = image, operating_points
+
+class Calls:
+    """Latencies and errors of calls to the running app, by key; each call takes the next film in turn."""
+
+    def __init__(self, images: list[Path], operating_points: dict[str, str]) -> None:
+        self.images, self.ops = images, operating_points
+        self._next = 0
         self.lock = threading.Lock()
         self.lat: dict[str, list[float]] = {}
         self.errors: list[str] = []
@@ -52,12 +67,15 @@ class Calls:
     def call(self, c, endpoint: str, name: str, method: str, key: str) -> None:
         from gradio_client import handle_file
 
+        with self.lock:
+            image = self.images[self._next % len(self.images)]
+            self._next += 1
         t = time.perf_counter()
         try:
             if endpoint == "predict":
-                c.predict(handle_file(str(self.image)), name, self.ops[name], api_name="/predict")
+                c.predict(handle_file(str(image)), name, self.ops[name], api_name="/predict")
             else:
-                c.predict(handle_file(str(self.image)), name, "", method, api_name="/explain")
+                c.predict(handle_file(str(image)), name, "", method, api_name="/explain")
         except Exception as e:  # counted and reported, the benchmark goes on
             with self.lock:
                 self.errors.append(f"{key} {name} {method}: {type(e).__name__}: {str(e)[:200]}")
@@ -101,7 +119,8 @@ def one_round(url: str, calls: Calls, models: list[str], clients: int, per_clien
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--image", type=Path, default=DEFAULT_IMAGE)
+    p.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="the first film (with --films 1: the only one)")
+    p.add_argument("--films", type=int, default=800, help="how many different films the requests go through")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--requests-per-client", type=int, default=100)
@@ -120,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     temp = Path(tempfile.mkdtemp(prefix="cxr-load-"))
     os.environ.update(CXR_DEMO_SLOW_CAM="1", GRADIO_TEMP_DIR=str(temp))
     proc, ready_s, url = start_app(free_port(), profiling=False)
-    calls = Calls(args.image, ops)
+    calls = Calls(nih_films(args.films, args.image), ops)
     done = threading.Event()
 
     def slow_worker() -> None:
@@ -154,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    result = {"image": str(args.image), "models": models, "clients": args.clients,
+    result = {"image": str(args.image), "films": args.films, "models": models, "clients": args.clients,
               "requests_per_client": args.requests_per_client, "mix": "3 /predict : 1 /explain (default settings)",
               "slow_heatmap": None if slow is None else {"model": slow[0], "method": slow[1]},
               "server_ready_s": ready_s, "rounds": rounds, "rss_after_all_mib": final_rss,
@@ -163,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                                    "errors": tail_errors},
               "command": "python -m bench.load " + " ".join(argv or [])}
     lines = [f"Load: {args.clients} clients x {args.requests_per_client} requests per round "
-             f"(3 /predict : 1 /explain over {', '.join(models)})"
+             f"(3 /predict : 1 /explain over {', '.join(models)}; "
+             + ("one film for every request" if args.films == 1 else f"{args.films} different NIH films in turn") + ")"
              + (f", while {slow[1]} on {slow[0]} runs back to back" if slow else "") + f"; {os.cpu_count()} CPUs.", "",
              "| round | wall s | errors | /predict p50 / p95 / max s | /explain p50 / p95 s | slow heatmaps finished (s) "
              "| RSS now / peak MiB | temp files |", "|---|---|---|---|---|---|---|---|"]

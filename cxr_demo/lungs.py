@@ -14,9 +14,11 @@ classifier's card (``explain_defaults.prior``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -42,10 +44,17 @@ MIN_LUNG_FRACTION = 0.05
 # The column profile of an upright film's lung mask drops to ~0 between the lungs; above this share of its
 # peak, the lungs are not side by side.
 MAX_COLUMN_GAP = 0.5
-# How much surer (mean |p - 0.5|) the lung model must be of another view before the film is called turned
-# or inverted.
+# How much surer (mean |p - 0.5|) the lung model must be of the film turned by 180 degrees before the film is
+# called upside down.
 VIEW_MARGIN = 0.01
-VIEWS = {"upside_down": lambda a: a[..., ::-1, ::-1], "inverted": lambda a: 255 - a}
+VIEWS = {"upside_down": lambda a: a[..., ::-1, ::-1]}
+# Lungs hold air: on a film of normal polarity they are darker than the rest of the chest around them (mediastinum,
+# heart, ribs' soft tissue). Above this mean difference (lungs minus the rest of the closed thorax, [0, 1] pixel
+# units) the film is called inverted. A fixed rule, not fitted: docs/lungs/chest_check.json measures it.
+MAX_LUNG_CONTRAST = 0.0
+# How many films' lung results the segmenter keeps in memory (masks and confidences, never pixels), so that a film
+# sent to a second model, compared or explained is not segmented again.
+CACHE_SIZE = 32
 
 
 def _middle_dip(profile: np.ndarray) -> float:
@@ -179,6 +188,19 @@ def thorax_region(lungs: np.ndarray, shape: str) -> np.ndarray:
     return region
 
 
+def lung_contrast(inputs: np.ndarray, lungs: np.ndarray) -> float | None:
+    """Mean pixel value ([0, 1]) in the lungs minus in the rest of the closed thorax (the lungs' ``hull``: the
+    mediastinum and heart between them), or outside the lungs when the hull adds nothing; None without lungs.
+    Negative on a film of normal polarity (air is dark)."""
+    if not lungs.any():
+        return None
+    a = inputs.astype(np.float32) / 255.0
+    rest = thorax_region(lungs, "hull") & ~lungs
+    if not rest.any():
+        rest = ~lungs
+    return float(a[lungs].mean() - a[rest].mean()) if rest.any() else None
+
+
 def to_image_frame(mask: np.ndarray, width: int, height: int) -> np.ndarray:
     """A mask at the model's resolution -> the image's pixel frame (nearest neighbour)."""
     im = Image.fromarray(mask.astype(np.uint8) * 255)
@@ -198,8 +220,10 @@ class LungResult:
 
     probability: np.ndarray  # (S, S) float in [0, 1]
     mask: np.ndarray  # (S, S) bool, cleaned
-    # the lung model's confidence on other views of the same film ("upside_down", "inverted"), when asked
+    # the lung model's confidence on other views of the same film ("upside_down"), when asked
     alternates: dict[str, float] = field(default_factory=dict)
+    # mean pixel value in the lungs minus in the rest of the closed thorax (:func:`lung_contrast`), when asked
+    contrast: float | None = None
 
     @property
     def fraction(self) -> float:
@@ -212,13 +236,15 @@ class LungResult:
 
     def anatomy(self) -> dict[str, Any]:
         """What the mask says about the film: lung share; the gap between the lungs (the mediastinum) across the
-        columns against any gap across the rows (a rotated film has its gap across the rows); and how much surer
-        the lung model is on the film turned upside down or inverted (when :meth:`LungSegmenter.segment` was
-        asked for those views)."""
+        columns against any gap across the rows (a rotated film has its gap across the rows); how much surer
+        the lung model is on the film turned upside down, and how much brighter the lungs are than the thorax
+        around them (when :meth:`LungSegmenter.segment` was asked for the check)."""
         cols, rows = _middle_dip(self.mask.sum(axis=0)), _middle_dip(self.mask.sum(axis=1))
         out: dict[str, Any] = {"lung_fraction": round(self.fraction, 4), "column_gap": round(cols, 3),
                                "row_gap": round(rows, 3), "confidence": round(_confidence(self.probability), 4)}
         out.update({f"confidence_{k}": round(v, 4) for k, v in self.alternates.items()})
+        if self.contrast is not None:
+            out["lung_contrast"] = round(self.contrast, 4)
         return out
 
     def chest_problem(self) -> str | None:
@@ -231,8 +257,8 @@ class LungResult:
             return "the lung model did not find two lungs side by side (is the film rotated?)"
         if a.get("confidence_upside_down", 0.0) > a["confidence"] + VIEW_MARGIN:
             return "it looks upside down (the lung model is surer of the film turned by 180 degrees)"
-        if a.get("confidence_inverted", 0.0) > a["confidence"] + VIEW_MARGIN:
-            return "it looks inverted (the lung model is surer of the film with black and white swapped)"
+        if a.get("lung_contrast", -1.0) > MAX_LUNG_CONTRAST:
+            return "it looks inverted (the lung fields are brighter than the chest around them, not darker)"
         return None
 
     def region(self, shape: str, width: int, height: int) -> np.ndarray:
@@ -257,6 +283,8 @@ class LungSegmenter:
         self.pinned_sha256 = pinned_sha256
         self._model: torch.nn.Module | None = None
         self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple[bytes, bool], LungResult] = OrderedDict()
+        self._cache_lock = threading.Lock()
 
     @property
     def model(self) -> torch.nn.Module:
@@ -284,15 +312,34 @@ class LungSegmenter:
             return self._model
 
     def segment(self, pixels: np.ndarray, views: bool = False) -> LungResult:
-        """Lung fields of a [0, 1] grayscale image; with ``views``, also the model's confidence on the film
-        turned upside down and inverted (one batch of three: the is-this-a-chest-X-ray check)."""
-        batch = lung_pixels(pixels, self.card)[None]
+        """Lung fields of a [0, 1] grayscale image; with ``views``, also what the is-this-a-chest-X-ray check
+        needs: the model's confidence on the film turned upside down (one batch of two) and the lungs' contrast.
+
+        The answers for the last :data:`CACHE_SIZE` model inputs are kept (keyed by a hash of the (S, S) input, so
+        exactly what the model would see again): a film sent to another model or explained is not segmented
+        again. A result with ``views`` also answers a request without."""
+        inputs = lung_pixels(pixels, self.card)
+        key = hashlib.blake2b(inputs.tobytes(), digest_size=16).digest()
+        with self._cache_lock:
+            for k in ((key, True), (key, False))[: 1 if views else 2]:
+                if k in self._cache:
+                    self._cache.move_to_end(k)
+                    return self._cache[k]
+        batch = inputs[None]
         if views:
             batch = np.concatenate([batch] + [np.ascontiguousarray(f(batch)) for f in VIEWS.values()])
         with torch.inference_mode():
             prob = torch.sigmoid(self.model(normalise_batch(batch, self.card.mean, self.card.std)))[:, 0].numpy()
-        alternates = {k: _confidence(p) for k, p in zip(VIEWS, prob[1:], strict=True)} if views else {}
-        return LungResult(prob[0], clean_mask(prob[0] >= self.card.threshold), alternates)
+        mask = clean_mask(prob[0] >= self.card.threshold)
+        result = LungResult(prob[0], mask)
+        if views:
+            result.alternates = {k: _confidence(p) for k, p in zip(VIEWS, prob[1:], strict=True)}
+            result.contrast = lung_contrast(inputs, mask)
+        with self._cache_lock:
+            self._cache[(key, views)] = result
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return result
 
 
 def default_lung_folder() -> Path | None:

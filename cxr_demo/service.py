@@ -140,7 +140,8 @@ class DemoService:
     the zoo's model without a lock (eval mode under ``inference_mode`` changes nothing); heatmaps use the zoo's
     heatmap copies (:meth:`Zoo.heatmap_model`), because pytorch-grad-cam hooks the layers it explains: fast ones
     one at a time on one copy, a slow one (at most one) on another, stepping aside for ``/predict``
-    (:class:`InteractiveFirst`); the lung model has a lock of its own.
+    (:class:`InteractiveFirst`); the lung model keeps its answers for the last films it saw, so a film's chest
+    check and lung fields are computed once however many models it goes to.
     """
 
     def __init__(self, zoo: Zoo, allow_slow_cam: bool | None = None, lungs: LungSegmenter | None | bool = True) -> None:
@@ -151,7 +152,6 @@ class DemoService:
         self.lungs: LungSegmenter | None = lungs or None
         self._heatmap_lock = threading.Lock()
         self._slow_heatmap_lock = threading.Lock()
-        self._lung_lock = threading.Lock()
         self._interactive = InteractiveFirst()
         self._test_results: dict[str, dict[str, dict]] = {}
         if allow_slow_cam is None:
@@ -272,9 +272,8 @@ class DemoService:
         """The lung model's result (None when there is no usable lung model: it is then switched off, logged)."""
         if self.lungs is None:
             return None
-        try:
-            with self._lung_lock:
-                return self.lungs.segment(xray.pixels, views=views)
+        try:  # no lock: the segmenter's forward passes are inference-only, its answer cache has a lock of its own
+            return self.lungs.segment(xray.pixels, views=views)
         except (WeightsError, OSError) as e:
             log.error("lung-field model switched off: %s", e)
             self.lungs = None

@@ -171,7 +171,8 @@ class Zoo:
         self.max_loaded = max_loaded or int(os.environ.get("CXR_DEMO_MAX_LOADED_MODELS", DEFAULT_MAX_LOADED))
         self._lock = threading.Lock()
         self._loaded: OrderedDict[str, torch.nn.Module] = OrderedDict()
-        self._heatmap_copies: dict[str, tuple[str, torch.nn.Module]] = {}
+        # (purpose, name) -> a copy of the model for heatmaps, least recently used first
+        self._heatmap_copies: OrderedDict[tuple[str, str], torch.nn.Module] = OrderedDict()
         self._ood: dict[str, OODDetector] = {}
         self.cards: dict[str, ModelCard] = {}
         self.folders: dict[str, Path] = {}
@@ -283,16 +284,21 @@ class Zoo:
     def heatmap_model(self, name: str, purpose: str = "fast") -> torch.nn.Module:
         """A copy of the model that only heatmaps use. pytorch-grad-cam hooks the target layers (Ablation-CAM
         also swaps one), so a ``/predict`` running at the same time in another lane must never pass through
-        them. One copy per ``purpose`` (``fast`` heatmaps, ``slow`` ones: Score-CAM, Ablation-CAM, which run
-        beside the fast ones) is kept: the model explained last."""
+        them. Copies are kept per ``purpose`` (``fast`` heatmaps; ``slow`` ones: Score-CAM, Ablation-CAM, which
+        run beside the fast ones): for fast heatmaps the ``max_loaded`` models explained last (so that heatmaps
+        of a few models in turn do not copy a model each time), for slow ones the last."""
+        keep = self.max_loaded if purpose == "fast" else 1
+        key = (purpose, name)
         with self._lock:
-            kept = self._heatmap_copies.get(purpose)
-            if kept is not None and kept[0] == name and name in self.cards:
-                return kept[1]
-            self._heatmap_copies.pop(purpose, None)  # the old copy goes before the new one is made
+            if key in self._heatmap_copies and name in self.cards:
+                self._heatmap_copies.move_to_end(key)
+                return self._heatmap_copies[key]
+            # old copies go before the new one is made
+            while sum(k[0] == purpose for k in self._heatmap_copies) >= keep:
+                del self._heatmap_copies[next(k for k in self._heatmap_copies if k[0] == purpose)]
         duplicate = copy.deepcopy(self.model(name)).eval()
         with self._lock:
-            self._heatmap_copies[purpose] = (name, duplicate)
+            self._heatmap_copies[key] = duplicate
         return duplicate
 
     def _build(self, card: ModelCard) -> torch.nn.Module:
@@ -311,9 +317,8 @@ class Zoo:
                 return
             self.problems[name] = reason
             self._loaded.pop(name, None)
-            for purpose, (kept, _) in list(self._heatmap_copies.items()):
-                if kept == name:
-                    del self._heatmap_copies[purpose]
+            for key in [k for k in self._heatmap_copies if k[1] == name]:
+                del self._heatmap_copies[key]
         log.error("withdrew model %s: %s", name, reason)
         for other, card in list(self.cards.items()):
             if card.architecture == ENSEMBLE_ARCHITECTURE and any(m.get("name") == name for m in card.model_args.get("members", [])):

@@ -84,6 +84,25 @@ def test_heatmaps_run_on_their_own_copy_of_the_model(small_zoo):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_heatmap_copies_of_a_few_models_in_turn_are_kept(tmp_path):
+    """Heatmaps of up to ``max_loaded`` models in turn reuse their copies (no deep copy per request); one more
+    model drops the least recently explained; slow heatmaps keep one copy of their own."""
+    from tests.helpers import make_checkpoint
+
+    for n in ("a", "b", "c"):
+        make_checkpoint(tmp_path, name=n, input_size=32)
+    zoo = Zoo(ZooSource(tmp_path), max_loaded=2)
+    a, b = zoo.heatmap_model("a"), zoo.heatmap_model("b")
+    assert zoo.heatmap_model("a") is a and zoo.heatmap_model("b") is b
+    slow = zoo.heatmap_model("a", "slow")
+    assert slow is not a and zoo.heatmap_model("a") is a
+    zoo.heatmap_model("c")  # "b" was explained longest ago
+    assert zoo.heatmap_model("a") is a and zoo.heatmap_model("b") is not b
+    assert zoo.heatmap_model("c", "slow") is not slow and zoo.heatmap_model("a", "slow") is not slow
+    zoo.withdraw("a", "test")
+    assert not any(k[1] == "a" for k in zoo._heatmap_copies)
+
+
 def test_predictions_are_the_same_while_heatmaps_run(small_zoo):
     service = DemoService(small_zoo, lungs=False)
     xray = film()

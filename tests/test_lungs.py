@@ -18,6 +18,7 @@ from cxr_demo.lungs import (
     LungSegmenter,
     apply_prior,
     clean_mask,
+    lung_contrast,
     read_lung_card,
     thorax_region,
 )
@@ -205,9 +206,13 @@ def test_anatomy_check_on_known_masks():
         upright[r, 36 : 36 + w] = True
     prob = upright.astype(np.float32)
     assert LungResult(prob, upright).chest_problem() is None
-    assert LungResult(prob, upright, {"upside_down": 0.45, "inverted": 0.2}).chest_problem() is None
+    assert LungResult(prob, upright, {"upside_down": 0.45}, contrast=-0.2).chest_problem() is None
     assert "upside down" in LungResult(prob * 0.8 + 0.1, upright, {"upside_down": 0.45}).chest_problem()
-    assert "inverted" in LungResult(prob * 0.8 + 0.1, upright, {"inverted": 0.45}).chest_problem()
+    assert "inverted" in LungResult(prob, upright, {"upside_down": 0.3}, contrast=0.05).chest_problem()
+    # the contrast itself: dark lungs in a brighter thorax are negative; the same pixels inverted, positive
+    film = np.where(upright, 60, 200).astype(np.uint8)
+    assert lung_contrast(film, upright) < -0.5 < 0.5 < lung_contrast(255 - film, upright)
+    assert lung_contrast(film, np.zeros_like(upright)) is None
     rotated = np.rot90(upright).copy()
     assert "side by side" in LungResult(rotated.astype(np.float32), rotated).chest_problem()
     empty = np.zeros((64, 64), bool)
@@ -230,3 +235,25 @@ def test_predict_flags_nothing_on_an_image_without_lungs(tmp_path):
     assert any("does not look like an upright frontal chest X-ray" in w for w in doc["warnings"])
     doc = DemoService(zoo, lungs=None).predict(_xray(), "tiny", "f1").document
     assert doc["chest_check"] == {"checked": False, "problem": None}
+
+
+def test_the_segmenter_reuses_its_answer_for_the_same_film_only(tmp_path, monkeypatch):
+    """A film sent again (another model, an explain after a predict) is not segmented again; the check's answer
+    (two views) also answers a plain request; another film, or the cache full, runs the model."""
+    import cxr_demo.lungs as lungs_module
+
+    seg = LungSegmenter(make_lung_checkpoint(tmp_path / "lungs"))
+    batches: list[int] = []
+    model = seg.model
+    seg._model = lambda x: (batches.append(x.shape[0]), model(x))[1]
+    film, other = synthetic_xray(64, seed=1), synthetic_xray(64, seed=2)
+    first = seg.segment(film, views=True)
+    assert batches == [2] and first.contrast is not None and set(first.alternates) == {"upside_down"}
+    assert seg.segment(film.copy(), views=True) is first and seg.segment(film) is first and batches == [2]
+    plain = seg.segment(other)
+    assert batches == [2, 1] and plain.contrast is None and not plain.alternates
+    assert seg.segment(other, views=True).contrast is not None and batches == [2, 1, 2]
+    monkeypatch.setattr(lungs_module, "CACHE_SIZE", 1)
+    seg.segment(synthetic_xray(64, seed=3))
+    seg.segment(film)
+    assert batches == [2, 1, 2, 1, 1]

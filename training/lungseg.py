@@ -35,6 +35,7 @@ from cxr_demo.inference import prepare_pixels
 from cxr_demo.lungs import (
     DEFAULT_LUNG_MODEL,
     MAX_COLUMN_GAP,
+    MAX_LUNG_CONTRAST,
     MIN_LUNG_FRACTION,
     VIEW_MARGIN,
     LungCard,
@@ -284,17 +285,19 @@ def evaluate(folder: Path, data_root: Path, test_rows: list[dict] | None = None,
     return result
 
 
-def chest_check(folder: Path, data_root: Path, n: int = 150, out: Path | None = None) -> dict:
+def chest_check(folder: Path, data_root: Path, n: int = 150, out: Path | None = None, seed: int = 0) -> dict:
     """How often the lung-based is-this-a-chest-X-ray check fires: on chest films (NIH train/val films, never
     the official test list; Kermany and COVID-19 films), on the same NIH films inverted, rotated and
-    mirrored, and on photographs and synthetic patterns (training.ood's set). Writes docs/lungs/chest_check.json."""
+    mirrored, and on photographs and synthetic patterns (training.ood's set). Writes docs/lungs/chest_check.json
+    (``seed`` 0), or docs/lungs/chest_check-seed<seed>.json: another sample of films, to check rules designed on
+    the first."""
     from cxr_demo.images import read_xray
     from training.data import nih_records
     from training.ood import non_xray_images
     from training.tasks import load_task
 
     seg = LungSegmenter(folder)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     nih = [r for r in nih_records(Path(data_root) / "nih14") if r.split != "test"]
     nih = [nih[i] for i in sorted(rng.choice(len(nih), min(n, len(nih)), replace=False))]
     groups: dict[str, list[np.ndarray]] = {"NIH train/val films": [read_xray(r.path).pixels for r in nih]}
@@ -332,9 +335,11 @@ def chest_check(folder: Path, data_root: Path, n: int = 150, out: Path | None = 
     result["rule"] = ("flagged when cxr_demo.lungs.LungResult.chest_problem() gives a reason: lungs under "
                       f"{MIN_LUNG_FRACTION} of the image; the lung mask's gap across columns above its gap across "
                       f"rows or above {MAX_COLUMN_GAP} of its peak (not side by side); the lung model surer by more "
-                      f"than {VIEW_MARGIN} (mean |p-0.5|) of the film turned 180 degrees or inverted")
-    result["command"] = f"python -m training.lungseg --chest-check {folder}"
-    out = out or paths.PROJECT_ROOT / "docs" / "lungs" / "chest_check.json"
+                      f"than {VIEW_MARGIN} (mean |p-0.5|) of the film turned 180 degrees; the lungs brighter than the rest of the "
+                      f"closed thorax by more than {MAX_LUNG_CONTRAST} (mean [0, 1] pixel value: inverted)")
+    result["sample_seed"] = seed
+    result["command"] = f"python -m training.lungseg --chest-check {folder}" + (f" --seed {seed}" if seed else "")
+    out = out or paths.PROJECT_ROOT / "docs" / "lungs" / ("chest_check.json" if not seed else f"chest_check-seed{seed}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -387,6 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int, default=None, help="only N films (smoke runs)")
     p.add_argument("--name", default=DEFAULT_LUNG_MODEL)
     p.add_argument("--evaluate", type=Path, default=None, help="only re-run the test evaluation of this folder")
+    p.add_argument("--seed", type=int, default=0, help="--chest-check: the sample of films (0: the committed one)")
     p.add_argument("--chest-check", type=Path, default=None,
                    help="only measure the lung-based is-this-a-chest-X-ray check of this folder")
     p.add_argument("--montage", type=Path, default=None, help="only draw artifacts/lungs-nih-examples.png with this folder")
@@ -397,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
         print(montage(args.montage))
         return
     if args.chest_check:
-        r = chest_check(args.chest_check, data_root)
+        r = chest_check(args.chest_check, data_root, seed=args.seed)
     elif args.evaluate:
         r = evaluate(args.evaluate, data_root)
     else:
