@@ -134,6 +134,17 @@ class ExplainDefaults(BaseModel):
     prior: str | None = Field(default=None, pattern=PRIOR_PATTERN,
                               description="anatomical prior shape (cxr_demo.lungs.PRIOR_SHAPES); None: no prior")
     source_file: str = Field(description="study result the choice comes from, relative to the project root")
+    # what the study measured for this choice on its report half (mean box IoU over findings), beside the best
+    # image-free box (a fixed box per finding, or a central box), so the app can say when a heatmap adds nothing
+    report_mean_iou: float | None = Field(default=None, ge=0, le=1)
+    image_free_baseline: str | None = None
+    image_free_mean_iou: float | None = Field(default=None, ge=0, le=1)
+
+    def adds_over_image_free(self) -> bool | None:
+        """Whether the chosen heatmap's boxes beat the best image-free box on the report half (None: not recorded)."""
+        if self.report_mean_iou is None or self.image_free_mean_iou is None:
+            return None
+        return self.report_mean_iou > self.image_free_mean_iou
 
 
 class OODInfo(BaseModel):

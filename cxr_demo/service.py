@@ -62,6 +62,11 @@ NO_LUNGS = ("No lung fields were found in this image, so the heatmap is not rest
             "chest X-ray?")
 UNSTUDIED = ("No localisation study has been run for this model: the heatmap uses Grad-CAM at its last layer and "
              "the plain box rule, whose agreement with radiologists' boxes is unmeasured.")
+NO_BETTER_THAN_A_FIXED_BOX = (
+    "For this model the localisation study found that these heatmap settings agree with radiologists' boxes no better "
+    "than a box drawn without looking at the film ({where}): mean box IoU {iou:.3f} against {free:.3f} on the study's "
+    "report half. Read the heatmap as where the model looked, not as where the finding is.")
+IMAGE_FREE_BOXES = {"central_box": "a fixed central box", "median_box_per_finding": "the finding's usual box"}
 PEAK_OUTSIDE = ("Before the anatomical prior, this heatmap's peak lay outside the chest (the lungs closed over the "
                 "mediastinum): the model also looked at {where}.")
 
@@ -354,6 +359,11 @@ class DemoService:
                 warnings.append(PEAK_OUTSIDE.format(where=where))
             if settings.prior is not None:
                 heat = apply_prior(heat, lungs.region(settings.prior, xray.width, xray.height))
+        study = card.explain_defaults
+        if settings.studied and study is not None and study.adds_over_image_free() is False:
+            warnings.append(NO_BETTER_THAN_A_FIXED_BOX.format(
+                where=IMAGE_FREE_BOXES.get(study.image_free_baseline, study.image_free_baseline),
+                iou=study.report_mean_iou, free=study.image_free_mean_iou))
         if not settings.studied:
             if card.explain_defaults is None:
                 warnings.append(UNSTUDIED)
@@ -399,6 +409,10 @@ class DemoService:
             "prior": settings.prior if lungs is not None else None,
             "prior_text": prior_text(settings.prior if lungs is not None else None),
             "studied_defaults": settings.studied,
+            "study": None if study is None else {
+                "source_file": study.source_file, "report_mean_iou": study.report_mean_iou,
+                "image_free_baseline": study.image_free_baseline, "image_free_mean_iou": study.image_free_mean_iou,
+                "adds_over_image_free": study.adds_over_image_free()},
             "lungs": lung_doc,
             "lung_outline": outline is not None,
             "image_size": [xray.width, xray.height],

@@ -182,6 +182,11 @@ def card_markdown(card: ModelCard, eval_path: Path | None) -> str:
             d = card.explain_defaults
             out.append(f"- **Heatmap defaults** (localisation study, `{d.source_file}`): {CAM_LABELS.get(d.method, d.method)} "
                        f"at `{d.layer}`, anatomical prior: {prior_text(d.prior)}")
+            if d.adds_over_image_free() is not None:
+                verdict = ("better than" if d.adds_over_image_free() else
+                           "**no better than** (read its heatmaps as where the model looked, not where the finding is)")
+                out.append(f"  - on the study's report half: mean box IoU {d.report_mean_iou:.3f}, {verdict} a box drawn "
+                           f"without looking at the film ({d.image_free_mean_iou:.3f})")
         per = ev.get("per_label", {})
         if per:
             out += ["", "| finding | AUROC | 95% CI | positives |", "|---|---|---|---|"]

@@ -44,6 +44,19 @@ def test_checkpoint_is_consistent(folder):
     if card.task == "nih14":  # box IoU over every radiologist box of the test images
         assert m.mean_box_iou == ev["localisation"]["overall"]["mean_iou"]
         assert m.n_boxes == ev["localisation"]["overall"]["n_boxes"] > 0
+        # studied heatmap defaults for every NIH model: the card's are the study's choice for these weights, and
+        # eval.json's box numbers describe them
+        assert card.explain_defaults is not None, f"no localisation study: python -m training.localisation {folder}"
+        study = json.loads((ROOT / card.explain_defaults.source_file).read_text())
+        assert study["model"] == card.name and study["weights_sha256"] == card.sha256
+        chosen, kept = study["chosen"], card.explain_defaults
+        assert (kept.method, kept.layer, kept.prior) == (chosen["method"], chosen["layer"], chosen["prior"])
+        assert kept.box_rule == chosen["rule"]
+        assert kept.report_mean_iou == round(chosen["report"]["mean_iou_over_findings"], 4)
+        free = study["image_free_baselines"][kept.image_free_baseline]["report"]["mean_iou_over_findings"]
+        assert kept.image_free_baseline == study["margin_over_image_free"]["baseline"]
+        assert kept.image_free_mean_iou == round(free, 4)
+        assert (ev["localisation"]["method"], ev["localisation"]["prior"]) == (chosen["method"], chosen["prior"])
     else:
         assert m.mean_box_iou is None and ev["localisation"] is None
     if card.task_kind == "multiclass":

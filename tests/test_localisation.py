@@ -7,7 +7,7 @@ import json
 import pytest
 
 from cxr_demo.cam import explain_settings
-from cxr_demo.card import read_card
+from cxr_demo.card import read_card, write_card
 from cxr_demo.images import read_xray
 from cxr_demo.service import DemoService
 from cxr_demo.zoo import Zoo, ZooSource
@@ -101,6 +101,22 @@ def test_card_and_app_use_the_chosen_defaults(study, tmp_path):
     _, doc = service.explain(read_xray(img), "tiny", "Effusion", "default", "10, 10, 50, 50")
     assert doc["method"] == result["chosen"]["method"] and doc["layer"] == result["chosen"]["layer"]
     assert 1 <= len(doc["predicted_boxes"]) <= 3 and len(doc["per_box"]) == 1
+    # the card keeps what the choice scored beside the best image-free box, and the app says when it adds nothing
+    free = result["margin_over_image_free"]["baseline"]
+    kept = card.explain_defaults
+    assert kept.report_mean_iou == pytest.approx(result["chosen"]["report"]["mean_iou_over_findings"], abs=1e-4)
+    assert kept.image_free_baseline == free and kept.image_free_mean_iou == pytest.approx(
+        result["image_free_baselines"][free]["report"]["mean_iou_over_findings"], abs=1e-4)
+    assert doc["study"]["adds_over_image_free"] == kept.adds_over_image_free()
+    for report_iou, told in ((0.05, True), (0.9, False)):
+        card.explain_defaults = kept.model_copy(update={"report_mean_iou": report_iou, "image_free_mean_iou": 0.15})
+        write_card(card, folder)
+        _, doc = DemoService(Zoo(ZooSource(folder.parent))).explain(read_xray(img), "tiny", "Effusion", "default")
+        assert any("no better than a box drawn without looking at the film" in w for w in doc["warnings"]) == told
+        _, doc = DemoService(Zoo(ZooSource(folder.parent))).explain(read_xray(img), "tiny", "Effusion", "gradcam")
+        assert not any("no better than a box drawn" in w for w in doc["warnings"])  # not the studied settings
+    card.explain_defaults = kept
+    write_card(card, folder)
 
 
 def test_the_studys_shared_labelling_gives_the_apps_boxes():

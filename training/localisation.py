@@ -468,6 +468,28 @@ def write_table(docs: Path = DOCS) -> Path:
     return path
 
 
+def defaults_from_study(result: dict) -> ExplainDefaults:
+    """The card's heatmap defaults from a study's result: the chosen method, layer, box rule and prior, and what
+    they scored on the report half beside the best image-free box."""
+    c, margin = result["chosen"], result["margin_over_image_free"]
+    free = result["image_free_baselines"][margin["baseline"]]["report"]["mean_iou_over_findings"]
+    return ExplainDefaults(method=c["method"], layer=c["layer"], box_rule=BoxRule(**c["rule"]).__dict__,
+                           prior=c["prior"], source_file=f"docs/localisation/{result['model']}.json",
+                           report_mean_iou=round(c["report"]["mean_iou_over_findings"], 4),
+                           image_free_baseline=margin["baseline"], image_free_mean_iou=round(free, 4))
+
+
+def refresh_cards(folders: list[Path], docs: Path = DOCS / "localisation") -> None:
+    """Re-write the cards' heatmap defaults from their committed study files (no heatmap is computed)."""
+    for folder in folders:
+        card = read_card(folder)
+        study = json.loads((docs / f"{card.name}.json").read_text())
+        if study["weights_sha256"] != card.sha256:
+            raise SystemExit(f"{folder}: its study was run on other weights; run the study again")
+        card.explain_defaults = defaults_from_study(study)
+        write_card(card, folder)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folders", type=Path, nargs="*")
@@ -478,6 +500,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit-pairs", type=int, default=None, help="only the first N (image, finding) pairs (smoke runs)")
     p.add_argument("--no-card", action="store_true", help="do not write the chosen defaults into the card")
     p.add_argument("--table", action="store_true", help="only rebuild docs/LOCALISATION.md")
+    p.add_argument("--cards-only", action="store_true",
+                   help="only re-write the folders' card defaults from their committed study files")
     p.add_argument("--methods", default=None,
                    help=f"comma-separated CAM methods at the card's layer (default: {','.join(FAST_METHODS)})")
     p.add_argument("--no-hi-res", action="store_true", help="skip the higher-resolution layer variants")
@@ -486,6 +510,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="comma-separated anatomical prior shapes to try ('' for none)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.cards_only:
+        refresh_cards(args.folders, args.out)
+        return
     for folder in args.folders:
         result = run_study(folder, args.data_root, args.perturbation_pairs, args.max_cost, limit_pairs=args.limit_pairs,
                            methods_list=tuple(args.methods.split(",")) if args.methods else None,
@@ -496,11 +523,7 @@ def main(argv: list[str] | None = None) -> None:
         out.write_text(json.dumps(result, indent=1) + "\n")
         if not args.no_card:
             card = read_card(folder)
-            c = result["chosen"]
-            card.explain_defaults = ExplainDefaults(
-                method=c["method"], layer=c["layer"], box_rule=BoxRule(**c["rule"]).__dict__, prior=c["prior"],
-                source_file=f"docs/localisation/{result['model']}.json",
-            )
+            card.explain_defaults = defaults_from_study(result)
             write_card(card, folder)
             # eval.json's box numbers describe what the app shows by default: refresh them.
             evaluate_checkpoint(folder, args.data_root, lung_folder=args.lung_model)
