@@ -41,7 +41,7 @@ def private_temp_dir() -> Path:
 limit_malloc_arenas()
 TEMP_DIR = private_temp_dir()
 
-from cxr_demo.ui import build_demo, configure_queue, launch_kwargs  # noqa: E402 - after the two settings above
+from cxr_demo.ui import ResultCleaner, build_demo, configure_queue, delete_old_files, launch_kwargs  # noqa: E402 - after the two settings above
 from cxr_demo.zoo import Zoo  # noqa: E402
 
 logging.basicConfig(level=os.environ.get("CXR_DEMO_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -64,11 +64,10 @@ def warm_default_model() -> None:
 
 def shut_down(*_) -> None:
     """On SIGTERM (a Space or container stopping): stop serving and delete every file the app created."""
-    from gradio.route_utils import delete_files_created_by_app
 
     logging.getLogger(__name__).info("shutting down: deleting the app's temporary files")
     demo.close()
-    delete_files_created_by_app(demo, None)
+    delete_old_files(demo, None)
     if TEMP_DIR.name.startswith("cxr-demo-gradio"):  # our private folder, never a GRADIO_TEMP_DIR given to us
         shutil.rmtree(TEMP_DIR, ignore_errors=True)
     sys.exit(0)
@@ -82,5 +81,6 @@ if __name__ == "__main__":
         **launch_kwargs(),
     )
     signal.signal(signal.SIGTERM, shut_down)
+    ResultCleaner(demo).start()  # overlays and other results go 2 minutes after they are made
     threading.Thread(target=warm_default_model, name="warm-default-model", daemon=True).start()
     demo.block_thread()

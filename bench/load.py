@@ -11,7 +11,7 @@ NIH train/validation films, so that no answer kept for a film is reused, or ``--
 request, as a user comparing models on one film) while one more client keeps a slow heatmap running
 (``--slow-method`` on ``--slow-model``, one after the other, through all rounds). After each round: ``/predict``
 and ``/explain`` p50/p95, errors, the server's resident memory (VmRSS now and its peak VmHWM), and the files left in the temp
-folder (uploads and results of finished requests; Gradio deletes cached results after ``CACHE_CLEANING``).
+folder (uploads and results of finished requests; the app's ResultCleaner deletes results after ``CACHE_CLEANING``).
 Exit status 1 when a round has an error or ``/predict``'s p95 exceeds ``--p95-bound-s``. Run it on an otherwise
 idle machine: timings on 2 shared cores are noisy.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -40,6 +41,11 @@ def rss_mb(pid: int) -> float:
 
 def temp_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file()]
+
+
+# Where the clients put the overlays they download: not the server's temp folder, whose files are counted (a first
+# run counted the clients' copies, which nothing deletes, as files the server left).
+DOWNLOADS = tempfile.mkdtemp(prefix="cxr-load-client-")
 
 
 def nih_films(n: int, first: Path = DEFAULT_IMAGE) -> list[Path]:
@@ -94,7 +100,7 @@ def one_round(url: str, calls: Calls, models: list[str], clients: int, per_clien
     from gradio_client import Client
 
     def worker(k: int) -> None:
-        c = Client(url, verbose=False)
+        c = Client(url, verbose=False, download_files=DOWNLOADS)
         for i in range(per_client):
             endpoint = "explain" if (i + k) % 4 == 0 else "predict"
             calls.call(c, endpoint, models[(i + k) % len(models)], "default", endpoint)
@@ -145,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     def slow_worker() -> None:
         from gradio_client import Client
 
-        c = Client(url, verbose=False)
+        c = Client(url, verbose=False, download_files=DOWNLOADS)
         while not done.is_set():
             calls.call(c, "explain", slow[0], slow[1], "slow")
 
@@ -173,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+        shutil.rmtree(DOWNLOADS, ignore_errors=True)
     result = {"image": str(args.image), "films": args.films, "models": models, "clients": args.clients,
               "requests_per_client": args.requests_per_client, "mix": "3 /predict : 1 /explain (default settings)",
               "slow_heatmap": None if slow is None else {"model": slow[0], "method": slow[1]},

@@ -50,7 +50,8 @@ VIEW_MARGIN = 0.01
 VIEWS = {"upside_down": lambda a: a[..., ::-1, ::-1]}
 # Lungs hold air: on a film of normal polarity they are darker than the rest of the chest around them (mediastinum,
 # heart, ribs' soft tissue). Above this mean difference (lungs minus the rest of the closed thorax, [0, 1] pixel
-# units) the film is called inverted. A fixed rule, not fitted: docs/lungs/chest_check.json measures it.
+# units) the film is called inverted. The physical boundary (0), not a fitted value; docs/lungs/chest_check*.json
+# measure it on two samples.
 MAX_LUNG_CONTRAST = 0.0
 # How many films' lung results the segmenter keeps in memory (masks and confidences, never pixels), so that a film
 # sent to a second model, compared or explained is not segmented again.

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -514,8 +515,9 @@ def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.
                "sensitivity >= 0.9, many flags (validation)")
 
     # Uploads are deleted as soon as they are decoded (UploadStore); generated overlays are deleted from
-    # Gradio's cache after 2 minutes (checked every minute); the example films' cached copies are kept.
-    with gr.Blocks(title="Chest X-ray model zoo", delete_cache=CACHE_CLEANING) as demo:
+    # Gradio's cache after 2 minutes, checked every minute by ResultCleaner (started with the server, not
+    # Gradio's delete_cache, see there); the example films' cached copies are kept.
+    with gr.Blocks(title="Chest X-ray model zoo") as demo:
         # The decoded upload for this browser session; dropped with the session or after 30 minutes.
         image_state = gr.State(None, time_to_live=1800)
         gr.Markdown(
@@ -623,6 +625,62 @@ def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.
         compare_btn.click(handlers.compare, [upload, op, model, image_state], [compare_table, compare_json],
                           api_name="compare", concurrency_id=HEATMAP_LANE, concurrency_limit=HEATMAP_SLOTS)
     return demo
+
+
+def delete_old_files(demo: gr.Blocks, age_s: float | None) -> int:
+    """Delete the files Gradio made for ``demo`` (overlays, reports' served copies, cached uploads) older than
+    ``age_s`` seconds by ctime (all when None), except those a component keeps (the example films); returns how
+    many went. What Gradio 6.31's ``delete_cache`` does, except that each set of files is read from a snapshot
+    (Gradio's iterates the live sets while request threads add to them: one "Set changed size during iteration"
+    ends its cleaning task for the server's life) and names of files already gone leave the set (Gradio's keeps
+    every deleted upload's name, so each pass grows longer)."""
+    keep: set[str] = set()
+    for block in list(demo.blocks.values()):
+        keep.update(getattr(block, "keep_in_cache", ()))
+    now, gone = time.time(), 0
+    for temp_set in list(demo.temp_file_sets):
+        for name in list(temp_set):
+            if name in keep:
+                continue
+            try:
+                if age_s is None or now - Path(name).lstat().st_ctime > age_s:
+                    os.remove(name)
+                    gone += 1
+                else:
+                    continue
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("could not delete a temporary file: %s", type(e).__name__)
+                continue
+            temp_set.discard(name)
+    return gone
+
+
+class ResultCleaner:
+    """Every ``every_s`` seconds, :func:`delete_old_files` with ``age_s`` (:data:`CACHE_CLEANING`) in a daemon
+    thread; an error is logged and the next round runs, so cleaning never stops for the server's life."""
+
+    def __init__(self, demo: gr.Blocks, every_s: float = CACHE_CLEANING[0], age_s: float = CACHE_CLEANING[1]) -> None:
+        self.demo, self.every_s, self.age_s = demo, every_s, age_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="result-cleaner", daemon=True)
+
+    def start(self) -> ResultCleaner:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                gone = delete_old_files(self.demo, self.age_s)
+                if gone:
+                    log.info("deleted %d temporary files older than %.0f s", gone, self.age_s)
+            except Exception as e:  # noqa: BLE001 - the next round tries again
+                log.error("cleaning temporary files failed: %s", type(e).__name__)
 
 
 def configure_queue(demo: gr.Blocks) -> gr.Blocks:

@@ -88,9 +88,8 @@ def test_a_visitors_journey(live_demo, tmp_path, width, height):
     upload that clears the first film's results, compare and model card that fit the screen, and an example
     clicked after the cache cleaner ran. Screenshots go to artifacts/ (not committed)."""
     sync_api = pytest.importorskip("playwright.sync_api")
-    from gradio.route_utils import delete_files_created_by_app
-
     from cxr_demo.groundtruth import default_examples
+    from cxr_demo.ui import delete_old_files
 
     demo, url = live_demo
     boxed = Path(default_examples()[0])  # 00013118_008.png, official Atelectasis box
@@ -169,7 +168,7 @@ def test_a_visitors_journey(live_demo, tmp_path, width, height):
             shot(page, "7-model-card")
 
             # The cache cleaner runs (age 0: everything is old enough), then a visitor clicks an example.
-            delete_files_created_by_app(demo, 0)
+            delete_old_files(demo, 0)
             page.goto(url, wait_until="load")
             page.locator("#examples img").first.wait_for(timeout=60_000)
             page.locator("#examples img").first.click()

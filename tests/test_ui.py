@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gradio as gr
 import numpy as np
 import pytest
 from PIL import Image
@@ -15,9 +16,11 @@ from cxr_demo.ui import (
     FINDINGS_PLACEHOLDER,
     HEATMAP_PLACEHOLDER,
     Handlers,
+    ResultCleaner,
     build_demo,
     card_markdown,
     compare_html,
+    delete_old_files,
     findings_html,
 )
 from cxr_demo.zoo import DEFAULT_CHECKPOINTS, Zoo, ZooSource
@@ -36,13 +39,11 @@ def _png(path: Path, size: int = 128, seed: int = 0) -> str:
 def test_example_films_outlive_the_cache_cleaner(zoo):
     """Gradio's delete_cache removed the cached example copies ten minutes after start; drive the cleaner
     with age 0 (everything is old enough) instead of waiting."""
-    from gradio.route_utils import delete_files_created_by_app
-
     demo = build_demo(zoo)
     gallery = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "examples")
     cached = [item["image"]["path"] for item in gallery.value]
     assert len(cached) == len(default_examples()) and all(Path(p).is_file() for p in cached)
-    delete_files_created_by_app(demo, 0)
+    delete_old_files(demo, 0)
     assert all(Path(p).is_file() for p in cached), "the cleaner deleted the example films"
 
 
@@ -113,3 +114,53 @@ def test_card_view_says_what_the_out_of_distribution_check_catches(zoo):
     card = zoo.cards["covid3-efficientnet-lite0"]
     text = card_markdown(card, zoo.eval_file(card.name))
     assert "### The right model for the film" in text and "NIH ChestX-ray14 films" in text and "false alarms" in text
+
+
+def test_card_view_says_whether_the_heatmap_beats_a_box_drawn_without_the_film(zoo):
+    """Every NIH card has studied heatmap defaults; the card view sets their box IoU beside the image-free box's."""
+    for name in [n for n in zoo.names if zoo.cards[n].task == "nih14"]:
+        card = zoo.cards[name]
+        text = card_markdown(card, zoo.eval_file(name))
+        assert "not studied" not in text and f"mean box IoU {card.explain_defaults.report_mean_iou:.3f}" in text
+        assert ("**no better than**" in text) == (not card.explain_defaults.adds_over_image_free())
+
+
+def test_old_results_are_deleted_even_while_requests_add_files(tmp_path, monkeypatch):
+    """The app's cleaner deletes files older than its age (never the examples' kept copies, never young files) and
+    keeps going when a request adds a file while it runs (Gradio's iterated the live set, and stopped for good)."""
+    import os as os_module
+    import time as time_module
+
+    import cxr_demo.ui as ui_module
+
+    demo = gr.Blocks()
+    old, young, kept = (tmp_path / n for n in ("old.png", "young.png", "example.png"))
+    for f in (old, young, kept):
+        f.write_bytes(b"x")
+    live = {str(old), str(young), str(kept)}
+    demo.temp_file_sets = [live]
+    with demo:
+        shown = gr.Image()
+    shown.keep_in_cache = {str(kept)}
+    real_remove = os_module.remove
+
+    def remove_while_a_request_adds(name):  # a request thread adds its overlay at this moment
+        live.add(str(tmp_path / "new.png"))
+        real_remove(name)
+
+    monkeypatch.setattr(ui_module.os, "remove", remove_while_a_request_adds)
+    real_lstat = Path.lstat
+    monkeypatch.setattr(Path, "lstat", lambda self: os_module.stat_result(
+        (*real_lstat(self)[:9], time_module.time() - (300 if self.name == "old.png" else 10))))
+    assert delete_old_files(demo, 120) == 1
+    assert not old.exists() and young.exists() and kept.exists()
+    assert live == {str(young), str(kept), str(tmp_path / "new.png")}
+    monkeypatch.undo()
+    cleaner = ResultCleaner(demo, every_s=0.05, age_s=0).start()
+    try:
+        deadline = time_module.time() + 10
+        while young.exists() and time_module.time() < deadline:
+            time_module.sleep(0.05)
+    finally:
+        cleaner.stop()
+    assert not young.exists() and kept.exists()
