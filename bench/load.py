@@ -43,11 +43,6 @@ def temp_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file()]
 
 
-# Where the clients put the overlays they download: not the server's temp folder, whose files are counted (a first
-# run counted the clients' copies, which nothing deletes, as files the server left).
-DOWNLOADS = tempfile.mkdtemp(prefix="cxr-load-client-")
-
-
 def nih_films(n: int, first: Path = DEFAULT_IMAGE) -> list[Path]:
     """``first`` and then n - 1 other NIH films of the official train/validation list (never a test film),
     in a fixed order."""
@@ -63,8 +58,10 @@ def nih_films(n: int, first: Path = DEFAULT_IMAGE) -> list[Path]:
 class Calls:
     """Latencies and errors of calls to the running app, by key; each call takes the next film in turn."""
 
-    def __init__(self, images: list[Path], operating_points: dict[str, str]) -> None:
-        self.images, self.ops = images, operating_points
+    def __init__(self, images: list[Path], operating_points: dict[str, str], downloads: str) -> None:
+        # downloads: where the clients put the overlays they fetch; not the server's temp folder, whose files are
+        # counted (a first run counted the clients' copies, which nothing deletes, as files the server left)
+        self.images, self.ops, self.downloads = images, operating_points, downloads
         self._next = 0
         self.lock = threading.Lock()
         self.lat: dict[str, list[float]] = {}
@@ -100,7 +97,7 @@ def one_round(url: str, calls: Calls, models: list[str], clients: int, per_clien
     from gradio_client import Client
 
     def worker(k: int) -> None:
-        c = Client(url, verbose=False, download_files=DOWNLOADS)
+        c = Client(url, verbose=False, download_files=calls.downloads)
         for i in range(per_client):
             endpoint = "explain" if (i + k) % 4 == 0 else "predict"
             calls.call(c, endpoint, models[(i + k) % len(models)], "default", endpoint)
@@ -145,13 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     temp = Path(tempfile.mkdtemp(prefix="cxr-load-"))
     os.environ.update(CXR_DEMO_SLOW_CAM="1", GRADIO_TEMP_DIR=str(temp))
     proc, ready_s, url = start_app(free_port(), profiling=False)
-    calls = Calls(nih_films(args.films, args.image), ops)
+    calls = Calls(nih_films(args.films, args.image), ops, tempfile.mkdtemp(prefix="cxr-load-client-"))
     done = threading.Event()
 
     def slow_worker() -> None:
         from gradio_client import Client
 
-        c = Client(url, verbose=False, download_files=DOWNLOADS)
+        c = Client(url, verbose=False, download_files=calls.downloads)
         while not done.is_set():
             calls.call(c, "explain", slow[0], slow[1], "slow")
 
@@ -179,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-        shutil.rmtree(DOWNLOADS, ignore_errors=True)
+        shutil.rmtree(calls.downloads, ignore_errors=True)
     result = {"image": str(args.image), "films": args.films, "models": models, "clients": args.clients,
               "requests_per_client": args.requests_per_client, "mix": "3 /predict : 1 /explain (default settings)",
               "slow_heatmap": None if slow is None else {"model": slow[0], "method": slow[1]},

@@ -365,7 +365,7 @@ class DemoService:
                 where=IMAGE_FREE_BOXES.get(study.image_free_baseline, study.image_free_baseline),
                 iou=study.report_mean_iou, free=study.image_free_mean_iou))
         if not settings.studied:
-            if card.explain_defaults is None:
+            if study is None:
                 warnings.append(UNSTUDIED)
             else:
                 warnings.append("These heatmap settings differ from the ones the localisation study chose for this "
