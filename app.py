@@ -78,9 +78,9 @@ if __name__ == "__main__":
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
         prevent_thread_lock=True,
-        **launch_kwargs(),
+        **launch_kwargs(demo),
     )
     signal.signal(signal.SIGTERM, shut_down)
-    ResultCleaner(demo).start()  # overlays and other results go 2 minutes after they are made
+    ResultCleaner(demo).start()  # results nobody fetched go 2 minutes after they are made
     threading.Thread(target=warm_default_model, name="warm-default-model", daemon=True).start()
     demo.block_thread()

@@ -48,6 +48,8 @@ PREDICT_LANE, HEATMAP_LANE = "predict", "heatmap"
 PREDICT_SLOTS, HEATMAP_SLOTS = 1, 2
 # (every, older than) seconds: an overlay is a whole radiograph; it is fetched within seconds of being made.
 CACHE_CLEANING = (60, 120)
+# seconds a result stays once it has been delivered (DeliveredResults): time for the page to draw it
+DELIVERED_GRACE_S = 10.0
 MOST_PROBABLE = "(most probable)"
 # On a phone the bar column gives way, so the numbers, thresholds and flags stay in view.
 APP_CSS = """
@@ -627,6 +629,14 @@ def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.
     return demo
 
 
+def kept_files(demo: gr.Blocks) -> set[str]:
+    """Temporary files a component keeps for the server's life (the example films' cached copies)."""
+    keep: set[str] = set()
+    for block in list(demo.blocks.values()):
+        keep.update(getattr(block, "keep_in_cache", ()))
+    return keep
+
+
 def delete_old_files(demo: gr.Blocks, age_s: float | None) -> int:
     """Delete the files Gradio made for ``demo`` (overlays, reports' served copies, cached uploads) older than
     ``age_s`` seconds by ctime (all when None), except those a component keeps (the example films); returns how
@@ -634,9 +644,7 @@ def delete_old_files(demo: gr.Blocks, age_s: float | None) -> int:
     (Gradio's iterates the live sets while request threads add to them: one "Set changed size during iteration"
     ends its cleaning task for the server's life) and names of files already gone leave the set (Gradio's keeps
     every deleted upload's name, so each pass grows longer)."""
-    keep: set[str] = set()
-    for block in list(demo.blocks.values()):
-        keep.update(getattr(block, "keep_in_cache", ()))
+    keep = kept_files(demo)
     now, gone = time.time(), 0
     for temp_set in list(demo.temp_file_sets):
         for name in list(temp_set):
@@ -683,17 +691,79 @@ class ResultCleaner:
                 log.error("cleaning temporary files failed: %s", type(e).__name__)
 
 
+def delete_result(demo: gr.Blocks, name: str) -> bool:
+    """Delete one temporary file of ``demo`` (not a kept one) and its folder when that is left empty; True when
+    it went."""
+    if name in kept_files(demo):
+        return False
+    try:
+        os.remove(name)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("could not delete a delivered file: %s", type(e).__name__)
+        return False
+    for temp_set in list(demo.temp_file_sets):
+        temp_set.discard(name)
+    try:
+        os.rmdir(Path(name).parent)  # Gradio files each result in a folder named by its content hash
+    except OSError:
+        pass
+    return True
+
+
+class DeliveredResults:
+    """ASGI middleware on Gradio's file route (``GET .../file=<path>``): once a temporary file of the app (an
+    overlay or the preview, each a whole radiograph; a report's served copy) has been sent whole (status 200),
+    it is deleted ``grace_s`` seconds later, long enough for a page to draw it, instead of living
+    :data:`CACHE_CLEANING` seconds. Example films (kept) and files of other requests are untouched; results
+    nobody fetches still go with :class:`ResultCleaner`. A second fetch after the grace gets 404, so the page
+    offers the report (PDF) to keep a heatmap."""
+
+    def __init__(self, app, demo: gr.Blocks, grace_s: float = DELIVERED_GRACE_S) -> None:
+        self.app, self.demo, self.grace_s = app, demo, grace_s
+
+    def _is_result(self, name: str) -> bool:
+        return any(name in temp_set for temp_set in list(self.demo.temp_file_sets)) and name not in kept_files(
+            self.demo)
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or scope.get("method") != "GET" or "/file=" not in path:
+            await self.app(scope, receive, send)
+            return
+        name = path.split("/file=", 1)[1]  # ASGI paths arrive percent-decoded
+        sent: dict[str, Any] = {}
+
+        async def watch(message):
+            if message["type"] == "http.response.start":
+                sent["status"] = message.get("status")
+            elif message["type"] == "http.response.pathsend" or (
+                    message["type"] == "http.response.body" and not message.get("more_body", False)):
+                sent["whole"] = True
+            await send(message)
+
+        await self.app(scope, receive, watch)
+        if sent.get("status") == 200 and sent.get("whole") and self._is_result(name):
+            import asyncio
+
+            asyncio.get_running_loop().call_later(self.grace_s, delete_result, self.demo, name)
+
+
 def configure_queue(demo: gr.Blocks) -> gr.Blocks:
     """The app's queue: lanes :data:`PREDICT_LANE` (one request running) and :data:`HEATMAP_LANE`
     (:data:`HEATMAP_SLOTS`), at most :data:`QUEUE_MAX_SIZE` waiting."""
     return demo.queue(default_concurrency_limit=1, max_size=QUEUE_MAX_SIZE)
 
 
-def launch_kwargs() -> dict[str, Any]:
+def launch_kwargs(demo: gr.Blocks | None = None) -> dict[str, Any]:
     """Arguments for ``demo.launch``: upload size limit, the upload guard (who uploaded what; at most a few files
-    per upload request), and file access to the example films only (not their folder)."""
+    per upload request), results deleted once delivered (:class:`DeliveredResults`, when ``demo`` is given), and
+    file access to the example films only (not their folder)."""
     from starlette.middleware import Middleware
 
-    return {"max_file_size": MAX_FILE_SIZE, "css": APP_CSS,
-            "app_kwargs": {"middleware": [Middleware(UploadGuard, max_files=MAX_FILES_PER_UPLOAD)]},
+    middleware = [Middleware(UploadGuard, max_files=MAX_FILES_PER_UPLOAD)]
+    if demo is not None:
+        middleware.append(Middleware(DeliveredResults, demo=demo))
+    return {"max_file_size": MAX_FILE_SIZE, "css": APP_CSS, "app_kwargs": {"middleware": middleware},
             "allowed_paths": sorted(str(Path(p).resolve()) for p in default_examples())}

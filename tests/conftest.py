@@ -37,7 +37,7 @@ def live_demo():
     demo = build_demo(zoo)
     configure_queue(demo)
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
-                            **launch_kwargs())
+                            **launch_kwargs(demo))
     yield demo, url
     demo.close()
 

@@ -48,7 +48,7 @@ def test_predict_is_answered_while_a_heatmap_is_still_running(small_zoo, monkeyp
     monkeypatch.setattr(DemoService, "explain", held_explain)
     demo = configure_queue(build_demo(small_zoo, examples=[]))
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
-                            **launch_kwargs())
+                            **launch_kwargs(demo))
     image = write_film(tmp_path / "film.png")
     try:
         with httpx.Client(timeout=120) as http:

@@ -75,3 +75,40 @@ def test_requests_leave_no_empty_temp_files(live_app, tmp_path):
         for _ in range(3):
             http_call(http, live_app, "predict", film, "nih14-small-cnn", "f1")
     assert empty_files() - before == set()
+
+
+def test_a_delivered_overlay_goes_after_its_grace_and_examples_stay(live_demo, tmp_path):
+    """An overlay (a whole radiograph) is deleted DELIVERED_GRACE_S after it has been fetched once, not two
+    minutes after it was made; a second fetch then finds nothing. An example film's cached copy, fetched as
+    often as pages show it, stays."""
+    import httpx
+
+    from cxr_demo.ui import DELIVERED_GRACE_S, kept_files
+    from tests.helpers import call_event, write_film
+
+    demo, url = live_demo
+    film = write_film(tmp_path / "film.png")
+    with httpx.Client(timeout=120) as http:
+        with open(film, "rb") as f:
+            uploaded = http.post(url + "gradio_api/upload", files={"files": (film.name, f)}).json()[0]
+        kind, data = call_event(http, url, "explain", [{"path": uploaded, "meta": {"_type": "gradio.FileData"}},
+                                                       "nih14-small-cnn", "", "gradcam", "", 0.5, 0.0])
+        assert kind == "complete", data
+        overlay = data[0]
+        server_file = Path(overlay["path"])
+        assert server_file.is_file(), "the overlay is there until it is fetched"
+        time.sleep(DELIVERED_GRACE_S + 2)
+        assert server_file.is_file(), "an overlay nobody fetched stays for ResultCleaner (2 minutes)"
+        assert http.get(overlay["url"]).status_code == 200
+        assert server_file.is_file(), "the page gets DELIVERED_GRACE_S to draw it"
+        deadline = time.time() + DELIVERED_GRACE_S + 10
+        while server_file.exists() and time.time() < deadline:
+            time.sleep(0.5)
+        assert not server_file.exists(), "a delivered overlay outlived its grace"
+        assert http.get(overlay["url"]).status_code >= 400
+        kept = sorted(kept_files(demo))
+        assert kept, "the live demo keeps its example films cached"
+        for _ in range(2):
+            assert http.get(url + "gradio_api/file=" + kept[0]).status_code == 200
+        time.sleep(DELIVERED_GRACE_S + 2)
+        assert Path(kept[0]).is_file(), "an example film's cached copy was deleted after it was shown"
