@@ -56,8 +56,9 @@ def test_every_method_is_scored_with_and_without_each_prior_and_beside_image_fre
     for shape in PRIOR_SHAPES:
         assert result["methods"][f"gradcam + {shape}"]["prior"] == shape
     assert result["methods"]["gradcam"]["prior"] is None
-    # prior rows pay for the lung model
-    assert result["methods"]["gradcam + lungs"]["cost_vs_forward_backward"] > result["methods"]["gradcam"]["cost_vs_forward_backward"]
+    # the lung model runs on every explain whatever the prior: a prior row costs what its heatmap costs
+    assert result["methods"]["gradcam + lungs"]["cost_vs_forward_backward"] == pytest.approx(
+        result["methods"]["gradcam"]["cost_vs_forward_backward"])
     base = result["image_free_baselines"]
     assert {"median_box_per_finding", "central_box"} <= set(base)
     for b in base.values():
@@ -76,6 +77,55 @@ def test_choice_is_the_best_on_the_select_half(study):
     best = max((k for k, v in result["methods"].items() if not v["subset"]),
                key=lambda k: result["methods"][k]["select"]["mean_iou_over_findings"])
     assert result["chosen"]["key"] == best
+
+
+def _row(prior, seconds, select, subset=False):
+    return {"method": "gradcam", "layer": "bn2", "prior": prior, "seconds_per_heatmap": seconds, "subset": subset,
+            "cost_vs_forward_backward": 99.0, "best_rule_on_select": {"k": 1.0}, "best_rule_text": "rule",
+            "select": {"mean_iou_over_findings": select}, "report": {"mean_iou_over_findings": select / 2},
+            "report_per_finding": {}}
+
+
+def test_defaults_are_chosen_by_heatmap_cost_on_the_select_half():
+    """select_defaults: a prior row is eligible by its heatmap's cost alone (the lung model runs on every explain);
+    a row over the cost bound or scored on a subset is never chosen; the margin is over the best image-free box."""
+    from training.localisation import select_defaults
+
+    study = {"forward_backward_seconds": 2.0,
+             "methods": {"gradcam": _row(None, 2.0, 0.10), "gradcam + lungs": _row("lungs", 2.0, 0.20),
+                         "scorecam": _row(None, 40.0, 0.50), "ablationcam": _row(None, 2.0, 0.90, subset=True)},
+             "image_free_baselines": {"median_box_per_finding": {"report": {"mean_iou_over_findings": 0.04}},
+                                      "central_box": {"report": {"mean_iou_over_findings": 0.06}}}}
+    out = select_defaults(study, max_cost=1.5)
+    assert out["chosen"]["key"] == "gradcam + lungs" and out["best_without_prior"]["key"] == "gradcam"
+    assert out["methods"]["gradcam + lungs"]["cost_vs_forward_backward"] == pytest.approx(1.0)
+    assert out["margin_over_image_free"] == {"baseline": "central_box", "mean_iou_over_findings": pytest.approx(0.04)}
+    assert select_defaults(study, max_cost=50)["chosen"]["key"] == "scorecam"
+
+
+def test_reselect_rewrites_study_card_and_table_without_heatmaps(study, tmp_path, monkeypatch):
+    import shutil
+
+    import training.localisation as loc
+
+    folder, result, docs = study
+    folder2, docs2 = tmp_path / "ck" / folder.name, tmp_path / "docs"
+    shutil.copytree(folder, folder2)
+    shutil.copytree(docs, docs2)
+    stale = json.loads((docs2 / "localisation" / "tiny.json").read_text())
+    worst = min((k for k, v in stale["methods"].items() if not v["subset"]),
+                key=lambda k: stale["methods"][k]["select"]["mean_iou_over_findings"])
+    stale["chosen"] = dict(stale["chosen"], key=worst)  # as if an older rule had chosen another row
+    (docs2 / "localisation" / "tiny.json").write_text(json.dumps(stale))
+    evaluated = []
+    monkeypatch.setattr(loc, "evaluate_checkpoint", lambda f, root: evaluated.append(f))
+    monkeypatch.setattr(loc, "compute_heatmap", None)  # no heatmap may be computed
+    loc.main([str(folder2), "--reselect", "--max-cost", "50", "--out", str(docs2 / "localisation")])
+    again = json.loads((docs2 / "localisation" / "tiny.json").read_text())
+    assert again["chosen"]["key"] == result["chosen"]["key"] != worst
+    assert read_card(folder2).explain_defaults.method == result["chosen"]["method"]
+    assert evaluated == [folder2]  # the choice changed: eval.json's box numbers are refreshed
+    assert (docs2 / "LOCALISATION.md").is_file()
 
 
 def test_card_and_app_use_the_chosen_defaults(study, tmp_path):

@@ -283,7 +283,7 @@ def run_study(folder: Path, data_root: Path | None = None, perturbation_pairs: i
                 report_rows += score_rules(h, pairs[i], [rules[best_r]])[0]
                 for t in SOURCE_STUDY_THRESHOLDS:
                     src["report"][str(t)] += [mask_iou(h, b, t) for b in pairs[i]["truth"]]
-            cost = (seconds + (seg_seconds if pk is not None else 0.0)) / fwd_bwd
+            cost = seconds / fwd_bwd  # the lung model's time is every explain's (select_defaults says why)
             methods[key] = {
                 "method": method, "layer": layer, "prior": pk, "seconds_per_heatmap": seconds,
                 "cost_vs_forward_backward": cost, "subset": subset is not None, "n_heatmaps": len(use),
@@ -298,14 +298,6 @@ def run_study(folder: Path, data_root: Path | None = None, perturbation_pairs: i
                  seconds / fwd_bwd, len(use), {k: round(v["select"]["mean_iou_over_findings"], 3)
                                                 for k, v in methods.items() if k.split(" + ")[0] == vkey})
 
-    def pick(candidates: dict) -> str:
-        eligible = {k: v for k, v in candidates.items() if not v["subset"] and v["cost_vs_forward_backward"] <= max_cost}
-        eligible = eligible or {k: v for k, v in candidates.items() if not v["subset"]}
-        return max(eligible, key=lambda k: eligible[k]["select"]["mean_iou_over_findings"])
-
-    chosen_key = pick(methods)
-    no_prior_key = pick({k: v for k, v in methods.items() if v["prior"] is None})
-    chosen = methods[chosen_key]
     lung_frames = None
     if lungs:
         lung_frames = {}
@@ -317,26 +309,13 @@ def run_study(folder: Path, data_root: Path | None = None, perturbation_pairs: i
                 lung_frames[p["image"]] = (float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1),
                                            float(ys.max() - ys.min() + 1))
     baselines = image_free_baselines(pairs, halves, lung_frames)
-    best_free = max(("median_box_per_finding", "central_box"),
-                    key=lambda k: baselines[k]["report"]["mean_iou_over_findings"])
-
-    def brief(m: dict, key: str) -> dict:
-        return {"key": key, "method": m["method"], "layer": m["layer"], "prior": m["prior"],
-                "rule": m["best_rule_on_select"], "rule_text": m["best_rule_text"],
-                "cost_vs_forward_backward": m["cost_vs_forward_backward"],
-                "report": m["report"], "report_per_finding": m["report_per_finding"]}
-
-    chosen_iou = chosen["report"]["mean_iou_over_findings"]
-    return {
+    result = {
         "model": card.name,
         "weights_sha256": card.sha256,
         "data": "NIH ChestX-ray14 official-test images in ../shared/data/nih14/images with official boxes",
         "n_pairs": len(pairs), "n_boxes": sum(len(p["truth"]) for p in pairs), "n_images": len(images),
         "halves": {h: {"n_images": len({pairs[i]["image"] for i in idx}), "n_boxes": sum(len(pairs[i]["truth"]) for i in idx),
                        "n_patients": len({pairs[i]["patient"] for i in idx})} for h, idx in halves.items()},
-        "selection": (f"method, layer, anatomical prior and box rule with the best mean IoU over findings on the "
-                      f"'select' half among settings costing <= {max_cost}x forward+backward (the lung model's time "
-                      "counted for prior rows); numbers under 'report' come from the other, patient-disjoint half"),
         "iou_definition": (f"per ground-truth box, IoU with the best-matching predicted box (at most {MAX_BOXES} "
                            "boxes per heatmap); IoBB = intersection / ground-truth box area; pointing = heatmap "
                            "maximum inside the box; source_study_mask_iou = IoU of the mask heatmap >= t with the box"),
@@ -345,15 +324,54 @@ def run_study(folder: Path, data_root: Path | None = None, perturbation_pairs: i
                         "images_without_lungs": sum(not r.found() for r in lungs.values()),
                         "box_coverage": box_coverage(pairs, lungs, priors)} if lung_card else None),
         "priors": [pk or "off" for pk in prior_keys],
-        "chosen": brief(chosen, chosen_key),
-        "best_without_prior": brief(methods[no_prior_key], no_prior_key),
         "image_free_baselines": baselines,
-        "margin_over_image_free": {"baseline": best_free,
-                                   "mean_iou_over_findings": chosen_iou - baselines[best_free]["report"]["mean_iou_over_findings"]},
         "methods": methods,
         "grid_on_select": grid,
         "command": f"python -m training.localisation {folder}",
     }
+    return select_defaults(result, max_cost)
+
+
+def select_defaults(study: dict, max_cost: float = 1.5) -> dict:
+    """Choose a study's defaults (``chosen``, ``best_without_prior``, ``margin_over_image_free``) from its
+    ``methods``: the best mean IoU over findings on the select half among full-half settings whose heatmap costs at
+    most ``max_cost`` x one forward+backward of the classifier. The lung model's time is not part of a setting's
+    cost: ``/explain`` runs it on every film whatever the prior (to say when the heatmap's peak lies outside the
+    chest), and a film that went through ``/predict`` has it already (the chest check's answer is kept). Studies
+    before this rule counted it for prior rows, which ruled the prior out for small models (the lung model alone
+    is ~0.4x their forward+backward); ``--reselect`` applies the rule to committed studies without new heatmaps."""
+    fwd_bwd = study["forward_backward_seconds"]
+    methods = study["methods"]
+    for m in methods.values():
+        m["cost_vs_forward_backward"] = m["seconds_per_heatmap"] / fwd_bwd
+
+    def pick(candidates: dict) -> str:
+        eligible = {k: v for k, v in candidates.items() if not v["subset"] and v["cost_vs_forward_backward"] <= max_cost}
+        eligible = eligible or {k: v for k, v in candidates.items() if not v["subset"]}
+        return max(eligible, key=lambda k: eligible[k]["select"]["mean_iou_over_findings"])
+
+    def brief(key: str) -> dict:
+        m = methods[key]
+        return {"key": key, "method": m["method"], "layer": m["layer"], "prior": m["prior"],
+                "rule": m["best_rule_on_select"], "rule_text": m["best_rule_text"],
+                "cost_vs_forward_backward": m["cost_vs_forward_backward"],
+                "report": m["report"], "report_per_finding": m["report_per_finding"]}
+
+    chosen = brief(pick(methods))
+    baselines = study["image_free_baselines"]
+    best_free = max(("median_box_per_finding", "central_box"),
+                    key=lambda k: baselines[k]["report"]["mean_iou_over_findings"])
+    study.update(
+        selection=(f"method, layer, anatomical prior and box rule with the best mean IoU over findings on the "
+                   f"'select' half among settings whose heatmap costs <= {max_cost}x forward+backward (the lung "
+                   "model's time, which every explain pays whatever the prior, not counted); numbers under 'report' "
+                   "come from the other, patient-disjoint half"),
+        chosen=chosen,
+        best_without_prior=brief(pick({k: v for k, v in methods.items() if v["prior"] is None})),
+        margin_over_image_free={"baseline": best_free, "mean_iou_over_findings": chosen["report"][
+            "mean_iou_over_findings"] - baselines[best_free]["report"]["mean_iou_over_findings"]},
+    )
+    return study
 
 
 def _f(v) -> str:
@@ -380,11 +398,13 @@ def write_table(docs: Path = DOCS) -> Path:
            "the lungs' width. **Image-free baselines** ignore the heatmap: the finding's median box (from the select",
            "half), the best centred box, and the finding's median box placed relative to the chest's bounding box",
            "(uses the lung model, not the classifier). A heatmap counts only by its margin over them.",
-           "A setting may cost at most 1.5x one forward+backward of the classifier (the lung model's time counted for",
-           "prior rows); for a single small model the lung model alone is ~0.4x, so a better prior row can be",
-           "ineligible: the summary shows the best prior row beside the choice. Studies run on the shared 2-core CPU;",
-           "the two first (ensemble, Lite0) counted file decoding in the lung model's time, so their prior rows'",
-           "cost is overstated (docs/bench/explain-prior-cpu2.md measures the default model's real cost).",
+           "A setting's heatmap may cost at most 1.5x one forward+backward of the classifier. The lung model's time",
+           "is not counted: `/explain` runs it on every film whatever the prior (to say when the heatmap's peak lies",
+           "outside the chest) and keeps the answer of `/predict`'s chest check for the same film",
+           "(docs/bench/explain-prior-cpu2.md measures the default model's real cost). Studies until 2026-11-27",
+           "counted it for prior rows, which ruled the prior out for small models (the lung model alone is ~0.4x",
+           "their forward+backward); `python -m training.localisation --reselect checkpoints/<model>` applied the",
+           "rule to their committed heatmap scores. Studies run on the shared 2-core CPU.",
            "At a layer followed by global average pooling and a linear head, Grad-CAM, HiResCAM and XGrad-CAM",
            "produce the same map up to a positive scale, so their rows agree there.", ""]
     out += ["## Summary (report half, mean IoU over the 8 findings / hit rate IoU > 0.1)", "",
@@ -490,6 +510,28 @@ def refresh_cards(folders: list[Path], docs: Path = DOCS / "localisation") -> No
         write_card(card, folder)
 
 
+def reselect(folder: Path, docs: Path, max_cost: float, data_root: Path | None) -> bool:
+    """Apply :func:`select_defaults` to a committed study; write the study and the card's defaults back and, when
+    the choice changed, re-run ``training.evaluate`` so that eval.json's box numbers describe the new defaults.
+    True when the choice changed."""
+    card = read_card(folder)
+    path = docs / f"{card.name}.json"
+    study = json.loads(path.read_text())
+    if study["weights_sha256"] != card.sha256:
+        raise SystemExit(f"{folder}: its study was run on other weights; run the study again")
+    before = study["chosen"]["key"], study["chosen"]["rule"]
+    study = select_defaults(study, max_cost)
+    changed = (study["chosen"]["key"], study["chosen"]["rule"]) != before
+    path.write_text(json.dumps(study, indent=1) + "\n")
+    card.explain_defaults = defaults_from_study(study)
+    write_card(card, folder)
+    log.info("%s: %s -> %s (report half %.3f)", card.name, before[0], study["chosen"]["key"],
+             study["chosen"]["report"]["mean_iou_over_findings"])
+    if changed:
+        evaluate_checkpoint(folder, data_root)
+    return changed
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folders", type=Path, nargs="*")
@@ -502,6 +544,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--table", action="store_true", help="only rebuild docs/LOCALISATION.md")
     p.add_argument("--cards-only", action="store_true",
                    help="only re-write the folders' card defaults from their committed study files")
+    p.add_argument("--reselect", action="store_true",
+                   help="choose the folders' defaults again from their committed study files under the current rule "
+                        "(select_defaults; no heatmap is computed), re-write study, card and, where the choice "
+                        "changed, eval.json")
     p.add_argument("--methods", default=None,
                    help=f"comma-separated CAM methods at the card's layer (default: {','.join(FAST_METHODS)})")
     p.add_argument("--no-hi-res", action="store_true", help="skip the higher-resolution layer variants")
@@ -512,6 +558,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.cards_only:
         refresh_cards(args.folders, args.out)
+        return
+    if args.reselect:
+        for folder in args.folders:
+            reselect(folder, args.out, args.max_cost, args.data_root)
+        write_table(args.out.parent)
         return
     for folder in args.folders:
         result = run_study(folder, args.data_root, args.perturbation_pairs, args.max_cost, limit_pairs=args.limit_pairs,
