@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import functools
 import html
@@ -745,8 +746,6 @@ class DeliveredResults:
 
         await self.app(scope, receive, watch)
         if sent.get("status") == 200 and sent.get("whole") and self._is_result(name):
-            import asyncio
-
             asyncio.get_running_loop().call_later(self.grace_s, delete_result, self.demo, name)
 
 
