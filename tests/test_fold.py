@@ -9,22 +9,13 @@ import pytest
 import torch
 
 from cxr_demo.cam import target_layers
-from cxr_demo.ensemble import ENSEMBLE_ARCHITECTURE, ProbabilityEnsemble
+from cxr_demo.ensemble import ENSEMBLE_ARCHITECTURE
 from cxr_demo.lungs import create_unet, default_segmenter
-from cxr_demo.models import fold_batchnorm, load_weights
+from cxr_demo.models import fold_batchnorm
 from cxr_demo.zoo import Zoo
 
 ZOO = Zoo()
 NAMES = ZOO.names
-
-
-def plain(name: str) -> torch.nn.Module:
-    """The checkpoint's weights in the model they were trained in: no folding, NCHW."""
-    card = ZOO.card(name)
-    if card.architecture == ENSEMBLE_ARCHITECTURE:
-        members = [load_weights(ZOO.cards[m["name"]], ZOO.weights_path(m["name"])) for m in card.model_args["members"]]
-        return ProbabilityEnsemble(members, card.task_kind).eval()
-    return load_weights(card, ZOO.weights_path(name))
 
 
 def outputs_and_activations(model: torch.nn.Module, layers: str, x: torch.Tensor) -> list[torch.Tensor]:
@@ -44,7 +35,7 @@ def outputs_and_activations(model: torch.nn.Module, layers: str, x: torch.Tensor
 @pytest.mark.parametrize("name", NAMES)
 def test_served_model_matches_its_plain_weights(name):
     card = ZOO.card(name)
-    served, reference = ZOO.model(name), plain(name)
+    served, reference = ZOO.model(name), ZOO.plain_model(card)
     x = torch.rand(2, 1, card.input_size, card.input_size, generator=torch.Generator().manual_seed(1))
     got = outputs_and_activations(served, card.cam_target_layer, x)
     want = outputs_and_activations(reference, card.cam_target_layer, x)
