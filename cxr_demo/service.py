@@ -12,6 +12,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +76,11 @@ NOT_A_CHEST = ("This does not look like an upright frontal chest X-ray: {problem
 NOT_FLAGGED_NOT_A_CHEST = "not flagged: the image did not pass the lung-based is-this-a-chest-X-ray check"
 
 USER_ERRORS: tuple[type[Exception], ...] = (ImageInputError, UnknownModelError, BoxInputError, ChoiceError)
+
+
+class ClientGone(Exception):
+    """The client of a long request went away (its browser tab closed, its connection dropped): the work is
+    stopped at its next step, since no one is left to see the answer."""
 
 
 def is_reliable(auroc_ci95) -> bool | None:
@@ -284,6 +290,19 @@ class DemoService:
             self.lungs = None
             return None
 
+    def _slow_step(self, client_gone: Callable[[], bool] | None) -> Callable[[], None]:
+        """What a slow heatmap does before each of its forward passes: stop if its client has gone, then step
+        aside for interactive work."""
+        if client_gone is None:
+            return self._interactive.step_aside
+
+        def step() -> None:
+            if client_gone():
+                raise ClientGone("the client of this slow heatmap has gone")
+            self._interactive.step_aside()
+
+        return step
+
     def explain(
         self,
         xray: XRay,
@@ -295,6 +314,7 @@ class DemoService:
         box_threshold: float | None = None,
         prior: str | None = "default",
         lung_outline: bool = False,
+        client_gone: Callable[[], bool] | None = None,
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """Heatmap overlay and box agreement for one finding.
 
@@ -305,6 +325,8 @@ class DemoService:
         is typed, from the NIH box list matched by the uploaded file's name. ``prior`` restricts the heatmap and
         its boxes to the thorax found by the lung-field model (``"default"``: the shape the study chose for this
         model, ``"off"``, or a shape of :data:`cxr_demo.cam.PRIOR_LABELS`); ``lung_outline`` draws the lungs.
+        ``client_gone``: asked before every step of a slow heatmap; once it answers True the heatmap stops with
+        :class:`ClientGone` (the slow slot is free again within one step, not minutes later).
         """
         card = self.zoo.card(model_name)
         finding = choice_text(finding, "finding")
@@ -336,7 +358,7 @@ class DemoService:
             try:
                 heat, logits, index = heatmap_and_logits(self.zoo.heatmap_model(card.name, "slow"), card, x, requested,
                                                          settings.method, layer=settings.layer,
-                                                         pause=self._interactive.step_aside)
+                                                         pause=self._slow_step(client_gone))
             finally:
                 self._slow_heatmap_lock.release()
         else:

@@ -31,7 +31,7 @@ from cxr_demo.ood import measurement as ood_measurement
 from cxr_demo.ood import rate_text
 from cxr_demo.overlay import OUTLINE_COLOUR, PRED_COLOUR, TRUTH_COLOUR, colour_bar_css
 from cxr_demo.paths import PROJECT_ROOT
-from cxr_demo.service import USER_ERRORS, DemoService
+from cxr_demo.service import USER_ERRORS, ClientGone, DemoService
 from cxr_demo.uploads import MAX_FILES_PER_UPLOAD, UploadGuard, UploadStore, client_identity
 from cxr_demo.zoo import Zoo
 
@@ -88,6 +88,9 @@ def user_errors_as_gr_error(fn: Callable) -> Callable:
             # One line per user error: which handler and which kind, never a traceback, a path or a file name.
             log.info("user error in %s: %s", fn.__name__, type(e).__name__)
             raise gr.Error(str(e), title="Cannot analyse this input", print_exception=False) from None
+        except ClientGone:
+            log.info("%s stopped: its client has gone", fn.__name__)
+            raise gr.Error("Stopped: the page that asked for this result was closed.", print_exception=False) from None
 
     return wrapper
 
@@ -265,6 +268,29 @@ def write_report(pdf: bytes, model_name: str) -> str:
     return str(path)
 
 
+def client_gone_check(demo: gr.Blocks | None, request: gr.Request | None) -> Callable[[], bool] | None:
+    """A check that answers True once the client behind ``request`` has gone: Gradio marks the running jobs of a
+    session dead when its event stream closes (a closed tab, a dropped connection, a client that stopped
+    reading) but cannot stop a function already running in a worker thread, so long work asks this between its
+    steps. None without a server (tests, scripts). Reads Gradio 6's queue (``active_jobs``, ``Event.alive``);
+    if those ever go, the check answers False and the work runs to its end as before."""
+    session = getattr(request, "session_hash", None) if request is not None else None
+    if demo is None or not session:
+        return None
+
+    def gone() -> bool:
+        try:
+            for jobs in list(getattr(demo._queue, "active_jobs", None) or []):
+                for job in list(jobs or []):
+                    if getattr(job, "session_hash", None) == session and getattr(job, "alive", True) is False:
+                        return True
+        except (AttributeError, RuntimeError, TypeError):
+            return False
+        return False
+
+    return gone
+
+
 def who(request: gr.Request | None) -> str | None:
     """The client behind a request (None when called without a server: tests, scripts)."""
     if request is None:
@@ -316,6 +342,7 @@ class Handlers:
         self.examples = list(examples)
         self.service = DemoService(zoo)
         self.store = UploadStore({Path(p).name for p in examples})
+        self.demo: gr.Blocks | None = None  # set by build_demo: long work asks its queue whether the client has gone
 
     def model_info(self, name: str | None):
         """Summary, operating points, findings and card of the chosen model."""
@@ -390,7 +417,8 @@ class Handlers:
         xray = self.store.take(path, state, who(request))
         pred = self.service.predict(xray, model_name, operating_point)
         overlay, explained = self.service.explain(xray, model_name, None if finding in ("", MOST_PROBABLE) else finding,
-                                                  method or "default", ground_truth_box or None)
+                                                  method or "default", ground_truth_box or None,
+                                                  client_gone=client_gone_check(self.demo, request))
         pdf = report_pdf(pred.document, pred.card, xray.to_uint8(), overlay, explained, xray.name)
         return write_report(pdf, pred.card.name)
 
@@ -403,7 +431,8 @@ class Handlers:
         if finding in ("", MOST_PROBABLE):
             finding = None
         overlay, doc = self.service.explain(self.store.take(path, state, who(request)), model_name, finding, method,
-                                            ground_truth_box, opacity, box_threshold, prior, lung_outline)
+                                            ground_truth_box, opacity, box_threshold, prior, lung_outline,
+                                            client_gone=client_gone_check(self.demo, request))
         return overlay, doc, explain_markdown(doc)
 
     def explain_studied_prior(self, path: str | None, model_name: str, finding: str | None, method: str,
@@ -424,7 +453,10 @@ class Handlers:
         names = self.zoo.names
         task = self.zoo.card(model_name).task if model_name else (self.zoo.cards[names[0]].task if names else None)
         results = {}
+        gone = client_gone_check(self.demo, request)
         for name in progress.tqdm([n for n in names if self.zoo.cards[n].task == task], desc="Running every model"):
+            if gone is not None and gone():
+                raise ClientGone("the client of this comparison has gone")
             card = self.zoo.cards[name]
             op = operating_point if operating_point in card.operating_points else card.operating_points[0]
             results[name] = self.service.predict(xray, name, op).document
@@ -627,6 +659,7 @@ def build_demo(zoo: Zoo | None = None, examples: list[str] | None = None) -> gr.
                          api_name="report", concurrency_id=HEATMAP_LANE, concurrency_limit=HEATMAP_SLOTS)
         compare_btn.click(handlers.compare, [upload, op, model, image_state], [compare_table, compare_json],
                           api_name="compare", concurrency_id=HEATMAP_LANE, concurrency_limit=HEATMAP_SLOTS)
+    handlers.demo = demo
     return demo
 
 

@@ -210,3 +210,112 @@ def test_the_service_runs_slow_heatmaps_with_the_step_aside_pause(small_zoo, mon
     service.explain(xray, SMALL, "", "gradcam")
     assert seen["scorecam"] == service._interactive.step_aside
     assert seen["gradcam"] is None  # fast heatmaps are interactive work themselves
+
+
+def test_a_slow_heatmap_stops_soon_after_its_client_goes(monkeypatch, tmp_path):
+    """#14 item 3: a Score-CAM kept running for minutes after its client had gone (Gradio marks the job dead
+    when the event stream closes but cannot stop a function running in a thread). Through the running server:
+    a Score-CAM on Lite0 (a minute of work here) is started over plain HTTP, its event stream is closed, and the
+    heatmap must stop with ClientGone within seconds, freeing the one slow slot."""
+    import cxr_demo.service as service_module
+    from cxr_demo.ui import build_demo, configure_queue, launch_kwargs
+
+    lite0 = "nih14-efficientnet-lite0"
+    zoo = Zoo(ZooSource(DEFAULT_CHECKPOINTS))
+    if lite0 not in zoo.names:
+        pytest.skip(f"{lite0} is not committed")
+    monkeypatch.setenv("CXR_DEMO_SLOW_CAM", "1")
+    started, ended, outcome = threading.Event(), threading.Event(), {}
+    real = service_module.heatmap_and_logits
+
+    def watched(*args, **kwargs):
+        started.set()
+        try:
+            return real(*args, **kwargs)
+        except BaseException as e:
+            outcome["error"] = type(e).__name__
+            raise
+        finally:
+            outcome["at"] = time.monotonic()
+            ended.set()
+
+    monkeypatch.setattr(service_module, "heatmap_and_logits", watched)
+    # 0.1 s a step (as when /predict traffic makes it step aside): 320 steps, a minute of work on its own
+    monkeypatch.setattr(InteractiveFirst, "step_aside", lambda self: time.sleep(0.1))
+    demo = configure_queue(build_demo(zoo, examples=[]))
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
+                            **launch_kwargs(demo))
+    image = write_film(tmp_path / "film.png")
+    try:
+        with httpx.Client(timeout=60) as http:
+            with open(image, "rb") as f:
+                path = http.post(url + "gradio_api/upload", files={"files": (image.name, f)}).json()[0]
+            file = {"path": path, "meta": {"_type": "gradio.FileData"}}
+            r = http.post(url + "gradio_api/call/explain", json={"data": [file, lite0, "", "scorecam", "", 0.5, 0.0]})
+            r.raise_for_status()
+            with http.stream("GET", f"{url}gradio_api/call/explain/{r.json()['event_id']}"):
+                assert started.wait(timeout=60), "the slow heatmap never started"
+                time.sleep(1.0)
+                assert not ended.is_set(), "the Score-CAM ended by itself: nothing was tested"
+            gone_at = time.monotonic()  # the stream is closed: the client has gone
+        # Gradio looks at the stream at least every 10 s
+        assert ended.wait(timeout=20), "the slow heatmap was still running 20 s after its client had gone"
+        assert outcome.get("error") == "ClientGone", outcome
+        print(f"stopped {outcome['at'] - gone_at:.1f} s after the client went")
+    finally:
+        demo.close()
+
+
+class _Job:
+    def __init__(self, session_hash: str, alive: bool) -> None:
+        self.session_hash, self.alive = session_hash, alive
+
+
+class _Request:
+    def __init__(self, session_hash: str) -> None:
+        self.session_hash, self.headers, self.client = session_hash, {}, None
+
+
+def test_client_gone_check_reads_the_queue_of_its_own_session():
+    from types import SimpleNamespace
+
+    from cxr_demo.ui import client_gone_check
+
+    demo = SimpleNamespace(_queue=SimpleNamespace(active_jobs=[None, [_Job("a", True)], [_Job("b", False)]]))
+    assert client_gone_check(demo, _Request("b"))() is True
+    assert client_gone_check(demo, _Request("a"))() is False
+    assert client_gone_check(demo, _Request("c"))() is False  # not (or no longer) running: nothing to stop
+    assert client_gone_check(None, _Request("b")) is None and client_gone_check(demo, None) is None
+    assert client_gone_check(SimpleNamespace(), _Request("b"))() is False  # a Gradio without this queue: run on
+
+
+def test_compare_stops_between_models_once_its_client_has_gone(small_zoo, tmp_path):
+    """/compare runs every model of a task (15 for NIH): it stops at the next model instead of running on."""
+    from types import SimpleNamespace
+
+    import gradio as gr
+
+    from cxr_demo.ui import Handlers
+
+    handlers = Handlers(small_zoo, [])
+    handlers.demo = SimpleNamespace(_queue=SimpleNamespace(active_jobs=[[_Job("gone", False)]]))
+    image = write_film(tmp_path / "film.png")
+    with pytest.raises(gr.Error, match="closed"):
+        handlers.compare(str(image), "f1", SMALL, None, request=_Request("gone"))
+    html, doc = handlers.compare(str(image), "f1", SMALL, None, request=_Request("here"))
+    assert SMALL in doc["results"]
+
+
+def test_a_slow_heatmap_step_raises_once_the_client_has_gone(small_zoo):
+    from cxr_demo.service import ClientGone
+
+    service = DemoService(small_zoo, allow_slow_cam=True, lungs=False)
+    gone = {"now": False}
+    step = service._slow_step(lambda: gone["now"])
+    step()
+    gone["now"] = True
+    with pytest.raises(ClientGone):
+        step()
+    with pytest.raises(ClientGone):  # through the service: the slot is free again afterwards
+        service.explain(film(), SMALL, "", "scorecam", client_gone=lambda: True)
+    assert not service._slow_heatmap_lock.locked()
