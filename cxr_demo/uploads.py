@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -65,15 +66,92 @@ class UploadLedger:
 
 LEDGER = UploadLedger()
 
+MIB = 2**20
+
+
+class UploadRate:
+    """How many bytes clients may upload: a token bucket per client (:func:`client_identity`) and one for all
+    clients together, since an address given in X-Forwarded-For can be forged and the shared bucket bounds what
+    forging gets. A request is charged its Content-Length, at least ``min_charge`` (a flood of tiny uploads counts
+    too); one without a Content-Length is charged ``min_charge`` before and the rest after (the next ones wait).
+    Each bucket holds a minute of its rate. At most ``max_clients`` buckets are remembered (full ones go first)."""
+
+    def __init__(self, client_mib_per_minute: float = 512, total_mib_per_minute: float = 2048,
+                 min_charge: int = MIB, max_clients: int = 4096, clock=None) -> None:
+        self.client_bytes = client_mib_per_minute * MIB
+        self.total_bytes = total_mib_per_minute * MIB
+        self.min_charge, self.max_clients = min_charge, max_clients
+        self.clock = clock or now
+        self._buckets: dict[str, tuple[float, float]] = {}  # who -> (bytes left, when)
+        self._lock = threading.Lock()
+
+    def _level(self, who: str, capacity: float, t: float) -> float:
+        left, when = self._buckets.get(who, (capacity, t))
+        return min(capacity, left + (t - when) * capacity / 60.0)
+
+    def take(self, who: str, nbytes: int | None) -> tuple[float, str | None]:
+        """Charge ``who`` for an upload of ``nbytes`` (None: unknown); (0, None) when it may go ahead, else the
+        seconds to wait and whose budget ran out (``"client"`` or ``"server"``), nothing charged."""
+        cost = max(self.min_charge, nbytes or 0)
+        t = self.clock()
+        with self._lock:
+            mine = self._level(who, self.client_bytes, t)
+            everyone = self._level("", self.total_bytes, t)
+            if cost > mine:
+                return (cost - mine) * 60.0 / self.client_bytes, "client"
+            if cost > everyone:
+                return (cost - everyone) * 60.0 / self.total_bytes, "server"
+            self._buckets[who] = (mine - cost, t)
+            self._buckets[""] = (everyone - cost, t)
+            if len(self._buckets) > self.max_clients:
+                self._forget(t)
+        return 0.0, None
+
+    def charge(self, who: str, nbytes: int) -> None:
+        """Charge bytes already received (an upload without a Content-Length), even below zero."""
+        t = self.clock()
+        with self._lock:
+            self._buckets[who] = (self._level(who, self.client_bytes, t) - nbytes, t)
+            self._buckets[""] = (self._level("", self.total_bytes, t) - nbytes, t)
+
+    def _forget(self, t: float) -> None:
+        full = [w for w in self._buckets if w and self._level(w, self.client_bytes, t) >= self.client_bytes]
+        for w in full:
+            del self._buckets[w]
+        while len(self._buckets) > self.max_clients:  # all still refilling: the oldest go
+            oldest = min((w for w in self._buckets if w), key=lambda w: self._buckets[w][1])
+            del self._buckets[oldest]
+
+
+UPLOAD_RATE = UploadRate()
+
+
+def too_many_uploads(wait_s: float, whose: str, rate: UploadRate) -> str:
+    """The sentence of a 429 answer to an upload."""
+    if whose == "server":
+        return (f"This server is receiving more uploads than it can take right now; try again in {math.ceil(wait_s)} "
+                "s.")
+    return (f"Too many uploads from this address: at most {rate.client_bytes / MIB:.0f} MiB a minute (each upload "
+            f"counts at least {rate.min_charge / MIB:.0f} MiB). Try again in {math.ceil(wait_s)} s.")
+
 
 class UploadGuard:
-    """ASGI middleware on Gradio's upload route: records who uploaded each file (:data:`LEDGER`) and refuses a
-    request carrying more than :data:`MAX_FILES_PER_UPLOAD` files (they are deleted once Gradio has stored
-    them; the answer is 413 with a sentence)."""
+    """ASGI middleware on Gradio's upload route: refuses a client over its upload rate before anything is read
+    (:data:`UPLOAD_RATE`; 429 with a sentence and Retry-After), records who uploaded each file (:data:`LEDGER`)
+    and refuses a request carrying more than :data:`MAX_FILES_PER_UPLOAD` files (they are deleted once Gradio
+    has stored them; the answer is 413 with a sentence)."""
 
-    def __init__(self, app, max_files: int = MAX_FILES_PER_UPLOAD) -> None:
+    def __init__(self, app, max_files: int = MAX_FILES_PER_UPLOAD, rate: UploadRate | None = None) -> None:
         self.app = app
         self.max_files = max_files
+        self.rate = rate  # None: the module's UPLOAD_RATE, looked up per request
+
+    async def refuse(self, send, status: int, text: str, extra_headers: list | None = None) -> None:
+        data = text.encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                (b"content-length", str(len(data)).encode())] + (extra_headers or [])})
+        await send({"type": "http.response.body", "body": data, "more_body": False})
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].rstrip("/").endswith("/upload"):
@@ -81,6 +159,25 @@ class UploadGuard:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         who = client_identity(headers, (scope.get("client") or (None,))[0])
+        rate = self.rate or UPLOAD_RATE
+        try:
+            declared = int(headers["content-length"]) if "content-length" in headers else None
+        except ValueError:
+            declared = None
+        wait_s, whose = rate.take(who, declared)
+        if whose is not None:
+            await self.refuse(send, 429, too_many_uploads(wait_s, whose, rate),
+                              [(b"retry-after", str(math.ceil(wait_s)).encode())])
+            return
+        received = 0
+
+        async def receive_counted():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+            return message
+
         start: dict = {}
         body: list[bytes] = []
         stored: list[str] = []
@@ -113,7 +210,9 @@ class UploadGuard:
             await send(start)
             await send({"type": "http.response.body", "body": data, "more_body": False})
 
-        await self.app(scope, receive, send_checked)
+        await self.app(scope, receive if declared is not None else receive_counted, send_checked)
+        if declared is None and received > rate.min_charge:
+            rate.charge(who, received - rate.min_charge)
         # Gradio moves the files into place in background work that may end after the response: look for them
         # a few times (the client has its 413 already).
         for attempt in range(20):
