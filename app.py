@@ -3,7 +3,6 @@
 Hugging Face Spaces imports this file and serves ``demo``.
 """
 
-import ctypes
 import logging
 import os
 import shutil
@@ -12,18 +11,6 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-
-
-def limit_malloc_arenas(arenas: int = 2) -> None:
-    """Cap glibc's malloc arenas (as MALLOC_ARENA_MAX=2 would): with one arena per worker thread, memory grew
-    1012 -> 2758 MiB under sustained load without a plateau, mostly fragmentation. Done before any thread or
-    large import; a MALLOC_ARENA_MAX already set wins."""
-    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass
 
 
 def private_temp_dir() -> Path:
@@ -37,6 +24,8 @@ def private_temp_dir() -> Path:
     os.environ["GRADIO_TEMP_DIR"] = str(folder)
     return folder
 
+
+from cxr_demo.memory import MemoryTrimmer, limit_malloc_arenas  # noqa: E402 - standard library only
 
 limit_malloc_arenas()
 TEMP_DIR = private_temp_dir()
@@ -82,5 +71,8 @@ if __name__ == "__main__":
     )
     signal.signal(signal.SIGTERM, shut_down)
     ResultCleaner(demo).start()  # results nobody fetched go 2 minutes after they are made
+    trim_every_s = float(os.environ.get("CXR_DEMO_TRIM_EVERY_S", "15"))  # 0: never (for comparisons)
+    if trim_every_s > 0:  # freed heap pages back to the system once RSS grew 256 MiB since the last trim
+        MemoryTrimmer(trim_every_s, grow_mib=float(os.environ.get("CXR_DEMO_TRIM_GROW_MIB", "256"))).start()
     threading.Thread(target=warm_default_model, name="warm-default-model", daemon=True).start()
     demo.block_thread()

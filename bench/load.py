@@ -11,7 +11,9 @@ NIH train/validation films, so that no answer kept for a film is reused, or ``--
 request, as a user comparing models on one film) while one more client keeps a slow heatmap running
 (``--slow-method`` on ``--slow-model``, one after the other, through all rounds). After each round: ``/predict``
 and ``/explain`` p50/p95, errors, the server's resident memory (VmRSS now and its peak VmHWM), and the files left in the temp
-folder (uploads and results of finished requests; the app's ResultCleaner deletes results after ``CACHE_CLEANING``).
+folder right after the round, and again ``DELIVERED_GRACE_S`` + 2 s later without the example films' kept copies (a
+result is deleted that long after it has been fetched; the app's ResultCleaner deletes unfetched ones after
+``CACHE_CLEANING``).
 Exit status 1 when a round has an error or ``/predict``'s p95 exceeds ``--p95-bound-s``. Run it on an otherwise
 idle machine: timings on 2 shared cores are noisy.
 """
@@ -30,6 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.serving import DEFAULT_IMAGE, _peak_rss_mb, _status_mib, start_app
+from cxr_demo.groundtruth import default_examples
+from cxr_demo.ui import DELIVERED_GRACE_S
 from cxr_demo.zoo import Zoo
 from tests.helpers import free_port
 
@@ -139,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     models = zoo.names[: args.models]
     slow = None if args.slow_method == "none" else (args.slow_model, args.slow_method)
     ops = {n: zoo.card(n).operating_points[0] for n in models}
+    examples = {Path(p).name for p in default_examples()}
     temp = Path(tempfile.mkdtemp(prefix="cxr-load-"))
     os.environ.update(CXR_DEMO_SLOW_CAM="1", GRADIO_TEMP_DIR=str(temp))
     proc, ready_s, url = start_app(free_port(), profiling=False)
@@ -164,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
             files = temp_files(temp)
             res["temp_files_after_round"] = len(files)
             res["temp_file_kinds"] = sorted({f.suffix or f.name[:3] for f in files})
+            # A result goes DELIVERED_GRACE_S after it has been fetched: what is left after that, besides the
+            # example films' kept copies, is a result of a finished request (or the slow heatmap's, under way).
+            time.sleep(DELIVERED_GRACE_S + 2)
+            results = [f for f in temp_files(temp) if f.name not in examples]
+            res["result_files_after_grace"] = len(results)
+            res["result_file_kinds_after_grace"] = sorted({f.suffix or f.name[:3] for f in results})
             rounds.append(res)
             print(json.dumps({k: v for k, v in res.items() if k != "slow_heatmap_s"}), flush=True)
         done.set()
@@ -190,13 +201,15 @@ def main(argv: list[str] | None = None) -> int:
              + ("one film for every request" if args.films == 1 else f"{args.films} different NIH films in turn") + ")"
              + (f", while {slow[1]} on {slow[0]} runs back to back" if slow else "") + f"; {os.cpu_count()} CPUs.", "",
              "| round | wall s | errors | /predict p50 / p95 / max s | /explain p50 / p95 s | slow heatmaps finished (s) "
-             "| RSS now / peak MiB | temp files |", "|---|---|---|---|---|---|---|---|"]
+             f"| RSS now / peak MiB | temp files | result files {DELIVERED_GRACE_S + 2:.0f} s later |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rounds:
         lines.append(f"| {r['round']} | {r['wall_s']:.0f} | {r['errors']} | {r.get('predict_p50_s', float('nan')):.2f} / "
                      f"{r.get('predict_p95_s', float('nan')):.2f} / {r.get('predict_max_s', float('nan')):.2f} | "
                      f"{r.get('explain_p50_s', float('nan')):.2f} / {r.get('explain_p95_s', float('nan')):.2f} | "
                      f"{r['slow_heatmaps_finished_during_round']} ({', '.join(map(str, r['slow_heatmap_s'])) or '-'}) | "
-                     f"{r['rss_now_mib']:.0f} / {r['rss_peak_mib']:.0f} | {r['temp_files_after_round']} |")
+                     f"{r['rss_now_mib']:.0f} / {r['rss_peak_mib']:.0f} | {r['temp_files_after_round']} | "
+                     f"{r['result_files_after_grace']} |")
     lines += ["", f"After the last round and the last slow heatmap: RSS {final_rss:.0f} MiB, {len(left)} files in the "
               "temp folder."]
     text = "\n".join(lines)

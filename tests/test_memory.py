@@ -3,10 +3,7 @@ per-request growth once every code path has run (the server runs in this test pr
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +11,7 @@ from gradio_client import handle_file
 from PIL import Image
 
 from cxr_demo import uploads
+from cxr_demo.memory import rss_mib, trim_heap
 from cxr_demo.uploads import RECENT_UPLOAD_BYTES
 from cxr_demo.zoo import DEFAULT_MAX_LOADED
 from tests.helpers import synthetic_xray
@@ -30,15 +28,10 @@ def _live_rss_mib() -> float:
     Untrimmed RSS also counts memory the allocator keeps for reuse: in CI, with the whole test suite's
     history in this process, it grew 198 MiB over 36 requests that leaked nothing. What is still
     resident after a trim is memory something holds on to, which is what a per-request leak is."""
-    status = Path("/proc/self/status")
-    if not status.is_file():
+    if rss_mib() is None:
         pytest.skip("no /proc/self/status on this platform")
-    libc_name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(libc_name) if libc_name else None
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-    line = next(line for line in status.read_text().splitlines() if line.startswith("VmRSS:"))
-    return int(line.split()[1]) / 1024
+    trim_heap()
+    return rss_mib()
 
 
 def _growth_mib(client, tmp_path) -> tuple[float, int]:
@@ -95,3 +88,54 @@ def test_a_leak_of_decoded_uploads_would_be_caught(client, tmp_path, monkeypatch
     grown, n_requests = _growth_mib(client, tmp_path)
     assert len(kept) >= n_requests
     assert grown > BOUND_MIB, f"a leak of {len(kept)} decoded uploads grew RSS by only {grown:.0f} MiB"
+
+
+def test_trimming_gives_freed_heap_pages_back():
+    """The mechanism behind MemoryTrimmer: heap chunks freed below a live one stay resident (glibc returns only
+    the top of the heap by itself) until malloc_trim hands their pages back."""
+    import ctypes
+    import sys
+    import time
+
+    from cxr_demo.memory import MemoryTrimmer
+
+    if not sys.platform.startswith("linux") or rss_mib() is None:
+        pytest.skip("glibc only")
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    chunk = 64 * 1024  # under glibc's mmap threshold: from the heap
+    trim_heap()
+    chunks = [libc.malloc(chunk) for _ in range(4000)]  # 250 MiB
+    assert all(chunks)
+    for c in chunks:
+        ctypes.memset(c, 1, chunk)
+    filled = rss_mib()
+    for c in chunks[:-1]:  # the last one stays and pins the top of the heap
+        libc.free(c)
+    freed = rss_mib()
+    trim_heap()
+    trimmed = rss_mib()
+    libc.free(chunks[-1])
+    print(f"RSS filled {filled:.0f}, freed {freed:.0f}, trimmed {trimmed:.0f} MiB")
+    assert filled - freed < 50, "glibc gave the pages back by itself: nothing to test"
+    assert freed - trimmed > 200
+
+    trimmer = MemoryTrimmer(every_s=0.02, grow_mib=100)
+    assert trimmer.check() and trimmer.trims == 1  # the first check trims and sets the floor
+    assert not trimmer.check()  # nothing grew since
+    chunks = [libc.malloc(chunk) for _ in range(4000)]
+    for c in chunks:
+        ctypes.memset(c, 1, chunk)
+    for c in chunks[:-1]:
+        libc.free(c)
+    assert trimmer.check() and trimmer.trims == 2  # 250 MiB freed but resident: over the 100 MiB allowed
+    libc.free(chunks[-1])
+    trimmer = MemoryTrimmer(every_s=0.02, grow_mib=0).start()
+    try:
+        deadline = time.monotonic() + 10
+        while trimmer.trims < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert trimmer.trims >= 1  # the thread runs the checks
+    finally:
+        trimmer.stop()
