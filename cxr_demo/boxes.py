@@ -117,6 +117,73 @@ def predicted_boxes_for_rules(heatmap: np.ndarray, rules: Sequence[BoxRule]) -> 
     return out
 
 
+def chest_frame(region: np.ndarray) -> Box | None:
+    """The bounding box of a chest region mask (the lungs closed over the mediastinum); None when it is empty."""
+    ys, xs = np.nonzero(region)
+    if not len(xs):
+        return None
+    return float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)
+
+
+def relative_to_frame(box: Box, frame: Box) -> tuple[float, float, float, float]:
+    """A box as (centre x, centre y, width, height) in fractions of ``frame``'s sides."""
+    x, y, w, h = box
+    x0, y0, sw, sh = frame
+    return (x + w / 2 - x0) / sw, (y + h / 2 - y0) / sh, w / sw, h / sh
+
+
+def box_at(centre_x: float, centre_y: float, w: float, h: float, width: int, height: int) -> Box:
+    """A w x h box centred on a point, moved (not shrunk, unless larger than the image) to lie inside it."""
+    w, h = min(w, float(width)), min(h, float(height))
+    return (float(min(max(centre_x - w / 2, 0.0), width - w)), float(min(max(centre_y - h / 2, 0.0), height - h)),
+            float(w), float(h))
+
+
+def heat_peak(heatmap: np.ndarray) -> tuple[float, float]:
+    """The centre (x, y) of the heatmap's hottest pixel."""
+    py, px = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    return float(px) + 0.5, float(py) + 0.5
+
+
+def peak_box(heatmap: np.ndarray, size: tuple[float, float], frame: Box, width: int, height: int) -> Box:
+    """A box of ``size`` (fractions of the chest frame's sides) centred on the heatmap's peak."""
+    px, py = heat_peak(heatmap)
+    return box_at(px, py, size[0] * frame[2], size[1] * frame[3], width, height)
+
+
+def frame_box(relative: Sequence[float], frame: Box, width: int, height: int) -> Box:
+    """A box given as (centre x, centre y, w, h) in fractions of the chest frame, in pixels inside the image."""
+    cx, cy, w, h = relative
+    return box_at(frame[0] + cx * frame[2], frame[1] + cy * frame[3], w * frame[2], h * frame[3], width, height)
+
+
+def hotter_box(boxes: Sequence[Box], heatmap: np.ndarray) -> Box:
+    """The box holding the most heat (the first on a tie)."""
+    def heat_in(b: Box) -> float:
+        x0, y0 = int(b[0]), int(b[1])
+        return float(heatmap[y0:int(np.ceil(b[1] + b[3])), x0:int(np.ceil(b[0] + b[2]))].sum())
+
+    return max(boxes, key=heat_in)
+
+
+def finding_boxes(heatmap: np.ndarray, choice, frame: Box | None, width: int, height: int) -> list[Box] | None:
+    """The boxes of one finding's box source (``choice``: a :class:`cxr_demo.card.FindingBox`, chosen per finding by
+    ``training.box_sources``): a heatmap rule; the finding's usual box size centred on the heatmap's peak; the
+    finding's usual box on the side of the chest with more heat; or the finding's usual box relative to the chest,
+    which does not look at the heatmap. None when the source needs the chest frame and there is none (the caller
+    falls back to the model's box rule)."""
+    if choice.source == "heatmap":
+        return predicted_boxes(heatmap, BoxRule(**choice.rule))
+    if frame is None:
+        return None
+    if choice.source == "sided":
+        return [hotter_box([frame_box(b, frame, width, height) for b in choice.side_boxes], heatmap)]
+    cx, cy, w, h = choice.typical_box
+    if choice.source == "peak":
+        return [peak_box(heatmap, (w * choice.scale, h * choice.scale), frame, width, height)]
+    return [frame_box((cx, cy, w, h), frame, width, height)]
+
+
 def _moment_box(heatmap: np.ndarray, region: np.ndarray) -> Box:
     """A box with the heat-weighted centroid and spread of ``region`` (width = sqrt(12) * std, the
     width of a uniform distribution with that spread), clipped to the image."""

@@ -241,6 +241,13 @@ class ExplainSettings:
     rule: BoxRule
     prior: str | None = None
     studied: bool = False  # the method, layer and rule are the localisation study's choice for this model
+    # the study's box source per finding (cxr_demo.card.FindingBox), when it has one and the request keeps the
+    # studied method, layer, prior and box rule
+    per_finding: dict | None = None
+
+    def box_source(self, finding: str):
+        """The studied box source of ``finding`` (None: the box rule)."""
+        return (self.per_finding or {}).get(finding)
 
 
 def prior_text(prior: str | None) -> str:
@@ -290,7 +297,8 @@ def explain_settings(card: ModelCard, method: str | None = None, box_threshold: 
         if card.explain_defaults is None or shape != card.explain_defaults.prior:
             studied = False
     if box_threshold is None or float(box_threshold) == 0.0:
-        return ExplainSettings(method, layer, tuned, shape, studied)
+        per_finding = card.explain_defaults.per_finding if studied and card.explain_defaults is not None else None
+        return ExplainSettings(method, layer, tuned, shape, studied, per_finding or None)
     if not 0.05 <= float(box_threshold) <= 0.95:
         raise ChoiceError("The box threshold must be 0 (the model's tuned rule) or between 0.05 and 0.95 of the "
                           "heatmap's maximum.")

@@ -123,6 +123,44 @@ class EvalMetrics(BaseModel):
     n_boxes: int | None = None
 
 
+class FindingBox(BaseModel):
+    """Where one finding's box comes from, chosen per finding on the localisation study's select half
+    (``training.box_sources``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["heatmap", "peak", "chest", "sided"] = Field(
+        description="heatmap: a heatmap -> box rule; peak: the finding's usual box size centred on the heatmap's "
+                    "peak; chest: the finding's usual box relative to the chest (lung model; not the heatmap); "
+                    "sided: the finding's usual box on the image's left or right side of the chest, the side with "
+                    "more heat")
+    rule: dict[str, Any] | None = Field(default=None, description="heatmap: fields of cxr_demo.boxes.BoxRule")
+    scale: float | None = Field(default=None, gt=0, le=4, description="peak: times the usual size")
+    typical_box: list[float] | None = Field(
+        default=None, min_length=4, max_length=4,
+        description="peak, chest: the finding's median box on the select half as (centre x, centre y, w, h) in "
+                    "fractions of the chest's bounding box")
+    side_boxes: list[list[float]] | None = Field(
+        default=None, min_length=2, max_length=2,
+        description="sided: the finding's median box on the image's left, then right half of the chest (as typical_box)")
+    text: str
+
+    @model_validator(mode="after")
+    def _complete(self) -> FindingBox:
+        if self.source == "sided" and (self.side_boxes is None or not all(
+                len(b) == 4 and all(math.isfinite(v) and -1 <= v <= 2 for v in b) and min(b[2:]) > 0
+                for b in self.side_boxes)):
+            raise ValueError("a sided box source needs two finite boxes with a positive size")
+        if self.source == "heatmap" and self.rule is None:
+            raise ValueError("a heatmap box source needs its rule")
+        if self.source in ("peak", "chest") and (self.typical_box is None or not all(
+                math.isfinite(v) and -1 <= v <= 2 for v in self.typical_box) or min(self.typical_box[2:]) <= 0):
+            raise ValueError(f"a {self.source} box source needs a finite typical box with a positive size")
+        if self.source == "peak" and self.scale is None:
+            raise ValueError("a peak box source needs its scale")
+        return self
+
+
 class ExplainDefaults(BaseModel):
     """Heatmap defaults chosen by the localisation study (``training.localisation``)."""
 
@@ -139,6 +177,10 @@ class ExplainDefaults(BaseModel):
     report_mean_iou: float | None = Field(default=None, ge=0, le=1)
     image_free_baseline: str | None = None
     image_free_mean_iou: float | None = Field(default=None, ge=0, le=1)
+    # the box source per finding (training.box_sources), chosen on the same select half for this method, layer and
+    # prior; report_mean_iou then is that stage's report-half number. Findings not listed use box_rule.
+    per_finding: dict[str, FindingBox] | None = None
+    per_finding_source_file: str | None = None
 
     def adds_over_image_free(self) -> bool | None:
         """Whether the chosen heatmap's boxes beat the best image-free box on the report half (None: not recorded)."""

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from cxr_demo import calibration
-from cxr_demo.boxes import best_match, match_truth, predicted_boxes
+from cxr_demo.boxes import best_match, chest_frame, finding_boxes, match_truth, predicted_boxes
 from cxr_demo.cam import (
     CAM_LABELS,
     SLOW_CAM_METHODS,
@@ -70,6 +70,12 @@ NO_BETTER_THAN_A_FIXED_BOX = (
 IMAGE_FREE_BOXES = {"central_box": "a fixed central box", "median_box_per_finding": "the finding's usual box"}
 PEAK_OUTSIDE = ("Before the anatomical prior, this heatmap's peak lay outside the chest (the lungs closed over the "
                 "mediastinum): the model also looked at {where}.")
+
+CHEST_BOX = ("The box for {finding} is where that finding usually lies relative to the lungs found in this film (the "
+             "localisation study chose it: it agreed with radiologists' boxes better than any box drawn from this "
+             "model's heatmaps); it does not come from the heatmap, which shows where the model looked.")
+NO_CHEST_FOR_BOX = ("The box for {finding} would be placed relative to the chest, but no chest was found in this "
+                    "film: the box comes from the heatmap rule instead.")
 
 NOT_A_CHEST = ("This does not look like an upright frontal chest X-ray: {problem}. No finding is flagged; the "
                "probabilities are shown as computed but mean little for such an image.")
@@ -370,8 +376,10 @@ class DemoService:
         finding = card.label_names[index]
         heat = resize_heatmap(heat, xray.width, xray.height, card.crop)
         lungs, lung_doc = self._lungs_for(xray, settings.prior is not None or lung_outline, warnings)
+        frame = None
         if lungs is not None:
             chest = lungs.region("hull", xray.width, xray.height)
+            frame = chest_frame(chest)
             py, px = np.unravel_index(int(np.argmax(heat)), heat.shape)
             lung_doc["peak_in_chest"] = bool(chest[py, px])
             if not chest[py, px]:
@@ -393,7 +401,17 @@ class DemoService:
                 warnings.append("These heatmap settings differ from the ones the localisation study chose for this "
                                 "model (method 'default', prior 'default', box threshold 0); their agreement with "
                                 "radiologists' boxes was measured only in the study's other rows.")
-        pred_boxes = predicted_boxes(heat, settings.rule)
+        pred_boxes, box_rule, box_source = predicted_boxes(heat, settings.rule), settings.rule.describe(), "rule"
+        choice = settings.box_source(finding)
+        if choice is not None:
+            chosen = finding_boxes(heat, choice, frame, xray.width, xray.height)
+            if chosen is None:
+                warnings.append(NO_CHEST_FOR_BOX.format(finding=finding))
+            else:
+                pred_boxes, box_source = chosen, choice.source
+                box_rule = f"{choice.text} (chosen for {finding} by the localisation study)"
+                if choice.source == "chest":
+                    warnings.append(CHEST_BOX.format(finding=finding))
 
         typed = parse_boxes(ground_truth, xray.width, xray.height)
         source: str | None = None
@@ -427,7 +445,8 @@ class DemoService:
             "raw_probability": float(raw_probs[index]),
             "method": settings.method,
             "layer": settings.layer,
-            "box_rule": settings.rule.describe(),
+            "box_rule": box_rule,
+            "box_source": box_source,
             "prior": settings.prior if lungs is not None else None,
             "prior_text": prior_text(settings.prior if lungs is not None else None),
             "studied_defaults": settings.studied,

@@ -52,7 +52,17 @@ def test_checkpoint_is_consistent(folder):
         chosen, kept = study["chosen"], card.explain_defaults
         assert (kept.method, kept.layer, kept.prior) == (chosen["method"], chosen["layer"], chosen["prior"])
         assert kept.box_rule == chosen["rule"]
-        assert kept.report_mean_iou == round(chosen["report"]["mean_iou_over_findings"], 4)
+        if kept.per_finding:  # the second stage's choice, for these weights and this heatmap (training.box_sources)
+            pf = json.loads((ROOT / kept.per_finding_source_file).read_text())
+            assert pf["model"] == card.name and pf["weights_sha256"] == card.sha256
+            assert tuple(pf["heatmap"].values()) == (kept.method, kept.layer, kept.prior)
+            assert {f: c.model_dump(exclude_none=True) for f, c in kept.per_finding.items()} == {
+                f: {k: v for k, v in c.items() if not k.startswith("select_")} for f, c in pf["per_finding"].items()}
+            assert kept.report_mean_iou == round(pf["report"]["mean_iou_over_findings"], 4)
+            assert ev["localisation"]["overall"]["mean_iou_over_findings"] == pytest.approx(
+                pf["report"]["mean_iou_over_findings"], abs=1e-9)
+        else:
+            assert kept.report_mean_iou == round(chosen["report"]["mean_iou_over_findings"], 4)
         free = study["image_free_baselines"][kept.image_free_baseline]["report"]["mean_iou_over_findings"]
         assert kept.image_free_baseline == study["margin_over_image_free"]["baseline"]
         assert kept.image_free_mean_iou == round(free, 4)

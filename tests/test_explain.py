@@ -200,3 +200,51 @@ def test_explain_reports_the_same_probability_as_predict_and_picks_the_top_findi
     _, doc = service.explain(img, "tiny", None, "gradcam")
     assert doc["finding"] == max(probs, key=probs.get)
     assert doc["probability"] == pytest.approx(max(probs.values()), abs=1e-5)
+
+
+def test_finding_boxes_of_each_source():
+    from cxr_demo.boxes import BoxRule, finding_boxes, frame_box, heat_peak, predicted_boxes, relative_to_frame
+    from cxr_demo.card import FindingBox
+
+    heat = np.zeros((200, 100), np.float32)
+    heat[40:60, 20:30] = 1.0
+    heat[50, 25] = 2.0
+    frame = (10.0, 20.0, 80.0, 160.0)
+    rule = BoxRule(0.4, "relative", "all", "rect")
+    assert finding_boxes(heat, FindingBox(source="heatmap", rule=rule.__dict__, text="r"), None, 100, 200) == \
+        predicted_boxes(heat, rule)
+    assert heat_peak(heat) == (25.5, 50.5)
+    peak = FindingBox(source="peak", scale=2.0, typical_box=[0.5, 0.5, 0.1, 0.05], text="p")
+    (x, y, w, h), = finding_boxes(heat, peak, frame, 100, 200)
+    assert (w, h) == pytest.approx((16.0, 16.0)) and (x + w / 2, y + h / 2) == pytest.approx((25.5, 50.5))
+    chest = FindingBox(source="chest", typical_box=[0.5, 0.75, 0.5, 0.25], text="c")
+    (box,) = finding_boxes(heat, chest, frame, 100, 200)
+    assert box == pytest.approx((30.0, 120.0, 40.0, 40.0))
+    assert relative_to_frame(box, frame) == pytest.approx((0.5, 0.75, 0.5, 0.25))
+    assert finding_boxes(heat, chest, None, 100, 200) is None and finding_boxes(heat, peak, None, 100, 200) is None
+    sided = FindingBox(source="sided", side_boxes=[[0.25, 0.25, 0.25, 0.25], [0.75, 0.25, 0.25, 0.25]], text="s")
+    (left,) = finding_boxes(heat, sided, frame, 100, 200)  # the heat lies at x 20-30: the image's left
+    assert left == pytest.approx((20.0, 40.0, 20.0, 40.0))
+    (right,) = finding_boxes(heat[:, ::-1].copy(), sided, frame, 100, 200)
+    assert right == pytest.approx((60.0, 40.0, 20.0, 40.0))
+    # a box near the edge is moved inside the image, not cut
+    assert frame_box([0.0, 0.0, 0.5, 0.25], frame, 100, 200) == pytest.approx((0.0, 0.0, 40.0, 40.0))
+
+
+@pytest.mark.parametrize("fields", [
+    {"source": "heatmap"},
+    {"source": "peak", "typical_box": [0.5, 0.5, 0.1, 0.1]},
+    {"source": "chest", "typical_box": [0.5, 0.5, 0.0, 0.1]},
+    {"source": "chest", "typical_box": [0.5, float("nan"), 0.1, 0.1]},
+    {"source": "chest", "typical_box": [0.5, 0.5, 0.1]},
+    {"source": "elsewhere", "typical_box": [0.5, 0.5, 0.1, 0.1]},
+    {"source": "sided", "side_boxes": [[0.2, 0.5, 0.1, 0.1]]},
+    {"source": "sided", "side_boxes": [[0.2, 0.5, 0.1, 0.1], [0.7, 0.5, -0.1, 0.1]]},
+])
+def test_a_finding_box_source_must_be_complete(fields):
+    from pydantic import ValidationError
+
+    from cxr_demo.card import FindingBox
+
+    with pytest.raises(ValidationError):
+        FindingBox(text="x", **fields)

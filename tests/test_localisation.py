@@ -186,3 +186,63 @@ def test_the_studys_shared_labelling_gives_the_apps_boxes():
         heat /= heat.max()
         assert predicted_boxes_for_rules(heat, rules) == [predicted_boxes(heat, r) for r in rules]
     assert predicted_boxes_for_rules(np.zeros((8, 8), np.float32), rules) == [[] for _ in rules]
+
+
+def test_per_finding_box_sources_are_chosen_on_select_and_used_by_the_app_and_evaluation(study, tmp_path):
+    """The second stage (training.box_sources): per finding, the box source best on the select half; its first-stage
+    row reproduces the first stage's report number; the card gets the choice, and eval.json's box numbers (the app's
+    code path) equal the stage's report numbers."""
+    import numpy as np
+
+    from cxr_demo.card import FindingBox
+    from cxr_demo.lungs import LungSegmenter
+    from training.box_sources import main as box_main
+
+    folder, result, docs = study
+    tmp = folder.parent.parent
+    kept = read_card(folder).explain_defaults
+    out = docs / "localisation" / "per_finding"
+    box_main([str(folder), "--data-root", str(tmp / "data"), "--studies", str(docs / "localisation"), "--out", str(out),
+              "--lung-model", str(tmp / "lungs" / "lungs-tiny")])
+    try:
+        pf = json.loads((out / "tiny.json").read_text())
+        assert pf["report_first_stage"]["mean_iou_over_findings"] == pytest.approx(
+            result["chosen"]["report"]["mean_iou_over_findings"], abs=1e-9)
+        for f, c in pf["per_finding"].items():
+            assert c["select_mean_iou"] >= c["select_mean_iou_first_stage_rule"]  # the first-stage rule was a candidate
+            assert c["source"] in ("heatmap", "peak", "chest")
+        from training.localisation import refresh_cards
+
+        refresh_cards([folder], docs / "localisation")  # re-writing the first stage's defaults keeps the second's
+        card = read_card(folder)
+        assert set(card.explain_defaults.per_finding) == set(pf["per_finding"])
+        assert "Box source per finding" in (docs / "LOCALISATION.md").read_text()
+        assert card.explain_defaults.report_mean_iou == pytest.approx(pf["report"]["mean_iou_over_findings"], abs=1e-4)
+        evaluated = json.loads((folder / "eval.json").read_text())["localisation"]
+        assert evaluated["overall"]["mean_iou_over_findings"] == pytest.approx(
+            pf["report"]["mean_iou_over_findings"], abs=1e-9)
+        assert evaluated["overall"]["n_boxes"] == pf["report"]["n_boxes"]
+
+        # the app: a finding whose source is the chest draws the finding's usual box relative to the lungs it found
+        from PIL import Image
+
+        from tests.helpers import synthetic_xray
+
+        img = tmp_path / "x.png"
+        Image.fromarray((synthetic_xray(128) * 255).astype(np.uint8)).save(img)
+        d = card.explain_defaults
+        d.per_finding = {"Effusion": FindingBox(source="chest", typical_box=[0.5, 0.5, 0.25, 0.5], text="usual box")}
+        write_card(card, folder)
+        service = DemoService(Zoo(ZooSource(folder.parent)), lungs=LungSegmenter(tmp / "lungs" / "lungs-tiny"))
+        _, doc = service.explain(read_xray(img), "tiny", "Effusion", "default")
+        if doc["lungs"].get("found"):
+            assert doc["box_source"] == "chest" and len(doc["predicted_boxes"]) == 1
+            assert any("usually lies relative to the lungs" in w for w in doc["warnings"])
+        else:
+            assert doc["box_source"] == "rule" and any("no chest was found" in w for w in doc["warnings"])
+        _, doc = service.explain(read_xray(img), "tiny", "Effusion", "default", None, 0.5, 0.4)  # a typed threshold
+        assert doc["box_source"] == "rule"
+    finally:
+        card = read_card(folder)
+        card.explain_defaults = kept
+        write_card(card, folder)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr_demo import paths
+from cxr_demo.boxes import chest_frame, finding_boxes, predicted_boxes
 from cxr_demo.cam import compute_heatmap, explain_settings, resize_heatmap
 from cxr_demo.card import EVAL_FILE, PREDICTIONS_FILE, EvalMetrics, read_card, write_card
 from cxr_demo.inference import normalise_batch, predict_array
@@ -64,31 +65,40 @@ def box_study(model, card, records, pixels, boxes_by_image, lung_folder: Path | 
     pairs = nih_box_pairs(records, boxes_by_image, card.label_names)
     pairs = [pairs[i] for i in study_halves(pairs)["report"]]
     lungs = None
-    if settings.prior is not None:
+    if settings.prior is not None or settings.per_finding:
         folder = lung_folder or default_lung_folder()
         if folder is None:
             raise FileNotFoundError(f"{card.name}'s defaults use the anatomical prior, but no lung model is installed")
         lungs = LungSegmenter(folder)
-    heats = []
+    heats, boxes = [], []
     t0 = time.time()
     for p in pairs:
         x_in = normalise_batch(pixels[p["index"] : p["index"] + 1], card.mean, card.std)
         heat = compute_heatmap(model, card, x_in, card.label_names.index(p["finding"]), settings.method,
                                layer=settings.layer)
         heat = resize_heatmap(heat, p["width"], p["height"], card.crop)
+        frame = None
         if lungs is not None:
             res = lungs.segment(read_xray(records[p["index"]].path).pixels)
             if res.found():
-                heat = apply_prior(heat, res.region(settings.prior, p["width"], p["height"]))
+                frame = chest_frame(res.region("hull", p["width"], p["height"]))
+                if settings.prior is not None:
+                    heat = apply_prior(heat, res.region(settings.prior, p["width"], p["height"]))
         heats.append(heat)
+        # the app's boxes (DemoService.explain): the finding's studied box source, else the box rule
+        choice = settings.box_source(p["finding"])
+        chosen = None if choice is None else finding_boxes(heat, choice, frame, p["width"], p["height"])
+        boxes.append(chosen if chosen is not None else predicted_boxes(heat, settings.rule))
     seconds = time.time() - t0
-    rows = score_rule(heats, pairs, settings.rule)
+    rows = score_rule(heats, pairs, settings.rule, boxes)
     note = (f"settings chosen by the localisation study on the other, patient-disjoint half ({card.explain_defaults.source_file})"
             if card.explain_defaults else "fixed settings (no localisation study for this model): Grad-CAM, plain box rule")
     return {
         "method": settings.method,
         "layer": settings.layer,
         "box_rule": settings.rule.describe(),
+        "box_sources_per_finding": ({f: c.text for f, c in settings.per_finding.items()} if settings.per_finding
+                                    else None),
         "prior": settings.prior,
         "settings": note,
         "boxes": "the localisation study's report half only (boxed official-test images, split 50/50 by patient)",

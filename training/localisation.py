@@ -430,6 +430,7 @@ def write_table(docs: Path = DOCS) -> Path:
                    f"{pair(b['central_box']['report'])} | {pair(lung_b['report']) if lung_b else '-'} | "
                    f"{d['margin_over_image_free']['mean_iou_over_findings']:+.3f} |")
     out.append("")
+    out += per_finding_section(docs)
     for d in studies:
         c = d["chosen"]
         r = c["report"]
@@ -488,15 +489,60 @@ def write_table(docs: Path = DOCS) -> Path:
     return path
 
 
-def defaults_from_study(result: dict) -> ExplainDefaults:
+def per_finding_section(docs: Path) -> list[str]:
+    """The second stage's tables (``training.box_sources``: the box source chosen per finding), from
+    docs/localisation/per_finding/*.json."""
+    results = [json.loads(p.read_text()) for p in sorted((docs / "localisation" / "per_finding").glob("*.json"))]
+    if not results:
+        return []
+
+    def pair(r):
+        return f"{r['mean_iou_over_findings']:.3f} / {r['hit_rate_iou_0.1']:.3f}"
+
+    out = ["## Box source per finding (second stage, `python -m training.box_sources checkpoints/<model>`)", "",
+           "The first stage's heatmap (method, layer, prior) is kept; per finding, on the same select half, the box",
+           "comes from the best of: a heatmap rule of the grid above (`heatmap`); the finding's usual box size (its",
+           "median box on the select half relative to the chest's bounding box, x 0.5-1.5) centred on the heatmap's",
+           "peak (`peak`); or the finding's usual box relative to the chest (`chest`: the lung model alone, not the",
+           "heatmap; the app says so under the overlay), or its usual box on the image's left or right half of the",
+           "chest, the half where the heatmap holds more heat (`sided`); of the sources within 0.01 mean IoU of the",
+           "best on select, the simplest (the first stage's rule, another rule, chest, peak, sided). Report half, mean",
+           "IoU over the 8 findings / hit rate IoU > 0.1:",
+           "", "| model | first stage | **per finding** | heatmap rules only | peak boxes only | sided boxes only | "
+           "chest boxes only | chest-frame median box (image-free) |", "|---|---|---|---|---|---|---|---|"]
+    for d in results:
+        sided = d.get("report_only_sided_boxes")
+        out.append(f"| {d['model']} | {pair(d['report_first_stage'])} | **{pair(d['report'])}** | "
+                   f"{pair(d['report_only_heatmap_rules_per_finding'])} | {pair(d['report_only_peak_boxes'])} | "
+                   f"{pair(sided) if sided else '-'} | {pair(d['report_only_chest_boxes'])} | "
+                   f"{pair(d['image_free_baselines']['lung_median_box_per_finding'])} |")
+    for d in results:
+        out += ["", f"{d['model']}, per finding (report half): the source chosen on select, its mean IoU and hit rate "
+                "beside the first stage's.", "",
+                "| finding | boxes | source (chosen on select) | mean IoU | hit | first stage IoU | first stage hit |",
+                "|---|---|---|---|---|---|---|"]
+        for f, c in d["per_finding"].items():
+            r, g = d["report_per_finding"].get(f, {}), d["report_first_stage_per_finding"].get(f, {})
+            out.append(f"| {f} | {r.get('n_boxes', 0)} | {c['source']}: {c['text']} | {_f(r.get('mean_iou'))} | "
+                       f"{_f(r.get('hit_rate_iou_0.1'))} | {_f(g.get('mean_iou'))} | {_f(g.get('hit_rate_iou_0.1'))} |")
+    return out + [""]
+
+
+def defaults_from_study(result: dict, previous: ExplainDefaults | None = None) -> ExplainDefaults:
     """The card's heatmap defaults from a study's result: the chosen method, layer, box rule and prior, and what
-    they scored on the report half beside the best image-free box."""
+    they scored on the report half beside the best image-free box. The box sources per finding of ``previous``
+    (``training.box_sources``) are kept when they were chosen for the same method, layer, prior and rule."""
     c, margin = result["chosen"], result["margin_over_image_free"]
     free = result["image_free_baselines"][margin["baseline"]]["report"]["mean_iou_over_findings"]
-    return ExplainDefaults(method=c["method"], layer=c["layer"], box_rule=BoxRule(**c["rule"]).__dict__,
-                           prior=c["prior"], source_file=f"docs/localisation/{result['model']}.json",
-                           report_mean_iou=round(c["report"]["mean_iou_over_findings"], 4),
-                           image_free_baseline=margin["baseline"], image_free_mean_iou=round(free, 4))
+    d = ExplainDefaults(method=c["method"], layer=c["layer"], box_rule=BoxRule(**c["rule"]).__dict__,
+                        prior=c["prior"], source_file=f"docs/localisation/{result['model']}.json",
+                        report_mean_iou=round(c["report"]["mean_iou_over_findings"], 4),
+                        image_free_baseline=margin["baseline"], image_free_mean_iou=round(free, 4))
+    if previous is not None and previous.per_finding and (previous.method, previous.layer, previous.prior,
+                                                           previous.box_rule) == (d.method, d.layer, d.prior, d.box_rule):
+        d.per_finding, d.per_finding_source_file = previous.per_finding, previous.per_finding_source_file
+        d.report_mean_iou = previous.report_mean_iou
+    return d
 
 
 def refresh_cards(folders: list[Path], docs: Path = DOCS / "localisation") -> None:
@@ -506,7 +552,7 @@ def refresh_cards(folders: list[Path], docs: Path = DOCS / "localisation") -> No
         study = json.loads((docs / f"{card.name}.json").read_text())
         if study["weights_sha256"] != card.sha256:
             raise SystemExit(f"{folder}: its study was run on other weights; run the study again")
-        card.explain_defaults = defaults_from_study(study)
+        card.explain_defaults = defaults_from_study(study, card.explain_defaults)
         write_card(card, folder)
 
 
@@ -523,7 +569,7 @@ def reselect(folder: Path, docs: Path, max_cost: float, data_root: Path | None) 
     study = select_defaults(study, max_cost)
     changed = (study["chosen"]["key"], study["chosen"]["rule"]) != before
     path.write_text(json.dumps(study, indent=1) + "\n")
-    card.explain_defaults = defaults_from_study(study)
+    card.explain_defaults = defaults_from_study(study, card.explain_defaults)
     write_card(card, folder)
     log.info("%s: %s -> %s (report half %.3f)", card.name, before[0], study["chosen"]["key"],
              study["chosen"]["report"]["mean_iou_over_findings"])
@@ -574,7 +620,7 @@ def main(argv: list[str] | None = None) -> None:
         out.write_text(json.dumps(result, indent=1) + "\n")
         if not args.no_card:
             card = read_card(folder)
-            card.explain_defaults = defaults_from_study(result)
+            card.explain_defaults = defaults_from_study(result, card.explain_defaults)
             write_card(card, folder)
             # eval.json's box numbers describe what the app shows by default: refresh them.
             evaluate_checkpoint(folder, args.data_root, lung_folder=args.lung_model)

@@ -169,33 +169,26 @@ def mask_iou(heat: np.ndarray, box: Box, t: float) -> float:
     return float(np.logical_and(mask, boxmask).sum() / union) if union else 0.0
 
 
-def score_rule(heats: list[np.ndarray], pairs: list[dict], rule: BoxRule) -> list[dict]:
-    """One row per ground-truth box: IoU/IoBB of the best-matching predicted box (the boxes the app
-    would draw, :func:`cxr_demo.boxes.predicted_boxes`), and whether the heatmap's peak lies in the box."""
-    rows = []
-    for heat, pair in zip(heats, pairs, strict=True):
-        pred = predicted_boxes(heat, rule)
-        py, px = np.unravel_index(int(np.argmax(heat)), heat.shape)
-        for t, (iou, iobb) in zip(pair["truth"], match_truth(pred, pair["truth"]), strict=True):
-            rows.append({
-                "finding": pair["finding"],
-                "iou": iou,
-                "iobb": iobb,
-                "pointing": bool(t[0] <= px <= t[0] + t[2] and t[1] <= py <= t[1] + t[3]),
-                "n_pred": len(pred),
-            })
-    return rows
+def box_rows(pair: dict, pred: list, heat: np.ndarray) -> list[dict]:
+    """One row per ground-truth box of ``pair``: IoU/IoBB of the best-matching box of ``pred``, and whether the
+    heatmap's peak lies in the ground-truth box (the pointing game)."""
+    py, px = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    return [{"finding": pair["finding"], "iou": iou, "iobb": iobb,
+             "pointing": bool(t[0] <= px <= t[0] + t[2] and t[1] <= py <= t[1] + t[3]), "n_pred": len(pred)}
+            for t, (iou, iobb) in zip(pair["truth"], match_truth(pred, pair["truth"]), strict=True)]
+
+
+def score_rule(heats: list[np.ndarray], pairs: list[dict], rule: BoxRule | None,
+               boxes: list[list] | None = None) -> list[dict]:
+    """:func:`box_rows` over pairs, for the boxes the app would draw (:func:`cxr_demo.boxes.predicted_boxes` of
+    ``rule``, or ``boxes[k]`` for pair k when given)."""
+    return [row for k, (heat, pair) in enumerate(zip(heats, pairs, strict=True))
+            for row in box_rows(pair, boxes[k] if boxes is not None else predicted_boxes(heat, rule), heat)]
 
 
 def score_rules(heat: np.ndarray, pair: dict, rules: list[BoxRule]) -> list[list[dict]]:
     """:func:`score_rule` of one heatmap under every rule (shared labellings), one list of rows per rule."""
-    py, px = np.unravel_index(int(np.argmax(heat)), heat.shape)
-    pointing = [bool(t[0] <= px <= t[0] + t[2] and t[1] <= py <= t[1] + t[3]) for t in pair["truth"]]
-    out = []
-    for pred in predicted_boxes_for_rules(heat, rules):
-        out.append([{"finding": pair["finding"], "iou": iou, "iobb": iobb, "pointing": pt, "n_pred": len(pred)}
-                    for (iou, iobb), pt in zip(match_truth(pred, pair["truth"]), pointing, strict=True)])
-    return out
+    return [box_rows(pair, pred, heat) for pred in predicted_boxes_for_rules(heat, rules)]
 
 
 def summarise(rows: list[dict]) -> dict:
