@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from cxr_demo import paths
-from cxr_demo.boxes import MAX_BOXES, BoxRule, match_truth
+from cxr_demo.boxes import MAX_BOXES, BoxRule, chest_frame, match_truth
 from cxr_demo.cam import compute_heatmap, resize_heatmap, resolve_module
 from cxr_demo.card import ExplainDefaults, read_card, write_card
 from cxr_demo.inference import normalise_batch
@@ -304,10 +304,7 @@ def run_study(folder: Path, data_root: Path | None = None, perturbation_pairs: i
         for p in pairs:
             res = lungs[p["image"]]
             if res.found() and p["image"] not in lung_frames:
-                region = res.region("hull", p["width"], p["height"])
-                ys, xs = np.nonzero(region)
-                lung_frames[p["image"]] = (float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1),
-                                           float(ys.max() - ys.min() + 1))
+                lung_frames[p["image"]] = chest_frame(res.region("hull", p["width"], p["height"]))
     baselines = image_free_baselines(pairs, halves, lung_frames)
     result = {
         "model": card.name,
