@@ -376,10 +376,9 @@ class DemoService:
         finding = card.label_names[index]
         heat = resize_heatmap(heat, xray.width, xray.height, card.crop)
         lungs, lung_doc = self._lungs_for(xray, settings.prior is not None or lung_outline, warnings)
-        frame = None
+        chest = None
         if lungs is not None:
             chest = lungs.region("hull", xray.width, xray.height)
-            frame = chest_frame(chest)
             py, px = np.unravel_index(int(np.argmax(heat)), heat.shape)
             lung_doc["peak_in_chest"] = bool(chest[py, px])
             if not chest[py, px]:
@@ -404,6 +403,7 @@ class DemoService:
         pred_boxes, box_rule, box_source = predicted_boxes(heat, settings.rule), settings.rule.describe(), "rule"
         choice = settings.box_source(finding)
         if choice is not None:
+            frame = chest_frame(chest) if chest is not None and choice.source != "heatmap" else None
             chosen = finding_boxes(heat, choice, frame, xray.width, xray.height)
             if chosen is None:
                 warnings.append(NO_CHEST_FOR_BOX.format(finding=finding))
