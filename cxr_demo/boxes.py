@@ -166,16 +166,40 @@ def hotter_box(boxes: Sequence[Box], heatmap: np.ndarray) -> Box:
     return max(boxes, key=heat_in)
 
 
-def finding_boxes(heatmap: np.ndarray, choice, frame: Box | None, width: int, height: int) -> list[Box] | None:
+def place_map(components: Sequence[Sequence[float]], frame: Box, width: int, height: int) -> np.ndarray:
+    """A finding's usual place as a (height, width) map with maximum 1: a sum of axis-aligned Gaussians, each
+    ``(weight, centre x, centre y, sd x, sd y)`` in fractions of the chest frame (``frame``, in pixels)."""
+    x0, y0, fw, fh = frame
+    xs = (np.arange(width, dtype=np.float64) + 0.5 - x0) / fw
+    ys = (np.arange(height, dtype=np.float64) + 0.5 - y0) / fh
+    out = np.zeros((height, width), np.float32)
+    for weight, cx, cy, sx, sy in components:
+        out += np.outer(weight * np.exp(-0.5 * ((ys - cy) / sy) ** 2),
+                        np.exp(-0.5 * ((xs - cx) / sx) ** 2)).astype(np.float32)
+    top = float(out.max())
+    return out / top if top > 0 else out
+
+
+def finding_boxes(heatmap: np.ndarray, choice, frame: Box | None, width: int, height: int,
+                  lungs: np.ndarray | None = None) -> list[Box] | None:
     """The boxes of one finding's box source (``choice``: a :class:`cxr_demo.card.FindingBox`, chosen per finding by
     ``training.box_sources``): a heatmap rule; the finding's usual box size centred on the heatmap's peak; the
-    finding's usual box on the side of the chest with more heat; or the finding's usual box relative to the chest,
-    which does not look at the heatmap. None when the source needs the chest frame and there is none (the caller
+    finding's usual box on the side of the chest with more heat; a heatmap rule applied to the heatmap weighted by
+    the finding's usual place (``weighted``); or, not looking at the heatmap, the finding's usual box relative to the
+    chest (``chest``) or a rule applied to its usual place within the lung fields (``place``: ``lungs`` is the lung
+    fields' mask). None when the source needs the chest frame (or the lung fields) and there is none (the caller
     falls back to the model's box rule)."""
     if choice.source == "heatmap":
         return predicted_boxes(heatmap, BoxRule(**choice.rule))
     if frame is None:
         return None
+    if choice.source == "weighted":
+        return predicted_boxes(heatmap * place_map(choice.place, frame, width, height) ** choice.power,
+                               BoxRule(**choice.rule))
+    if choice.source == "place":
+        if lungs is None or not lungs.any():
+            return None
+        return predicted_boxes(place_map(choice.place, frame, width, height) * lungs, BoxRule(**choice.rule))
     if choice.source == "sided":
         return [hotter_box([frame_box(b, frame, width, height) for b in choice.side_boxes], heatmap)]
     cx, cy, w, h = choice.typical_box

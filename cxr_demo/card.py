@@ -129,12 +129,19 @@ class FindingBox(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: Literal["heatmap", "peak", "chest", "sided"] = Field(
+    source: Literal["heatmap", "peak", "chest", "sided", "place", "weighted"] = Field(
         description="heatmap: a heatmap -> box rule; peak: the finding's usual box size centred on the heatmap's "
                     "peak; chest: the finding's usual box relative to the chest (lung model; not the heatmap); "
                     "sided: the finding's usual box on the image's left or right side of the chest, the side with "
-                    "more heat")
-    rule: dict[str, Any] | None = Field(default=None, description="heatmap: fields of cxr_demo.boxes.BoxRule")
+                    "more heat; place: a box rule applied to the finding's usual place within the lung fields (lung "
+                    "model; not the heatmap); weighted: a box rule applied to the heatmap times its usual place")
+    rule: dict[str, Any] | None = Field(default=None,
+                                        description="heatmap, place, weighted: fields of cxr_demo.boxes.BoxRule")
+    place: list[list[float]] | None = Field(
+        default=None, min_length=1, max_length=2,
+        description="place, weighted: the finding's usual place on the select half as Gaussians (weight, centre x, "
+                    "centre y, sd x, sd y) in fractions of the chest's bounding box, one per side of the chest")
+    power: float | None = Field(default=None, gt=0, le=8, description="weighted: the usual place's exponent")
     scale: float | None = Field(default=None, gt=0, le=4, description="peak: times the usual size")
     typical_box: list[float] | None = Field(
         default=None, min_length=4, max_length=4,
@@ -151,8 +158,15 @@ class FindingBox(BaseModel):
                 len(b) == 4 and all(math.isfinite(v) and -1 <= v <= 2 for v in b) and min(b[2:]) > 0
                 for b in self.side_boxes)):
             raise ValueError("a sided box source needs two finite boxes with a positive size")
-        if self.source == "heatmap" and self.rule is None:
-            raise ValueError("a heatmap box source needs its rule")
+        if self.source in ("heatmap", "place", "weighted") and self.rule is None:
+            raise ValueError(f"a {self.source} box source needs its rule")
+        if self.source in ("place", "weighted") and (self.place is None or not all(
+                len(c) == 5 and all(math.isfinite(v) for v in c) and c[0] > 0 and -1 <= c[1] <= 2
+                and -1 <= c[2] <= 2 and 0.005 <= min(c[3:]) and max(c[3:]) <= 2 for c in self.place)):
+            raise ValueError(f"a {self.source} box source needs its usual place: one or two Gaussians (weight > 0, "
+                             "centre, sd in 0.005-2)")
+        if self.source == "weighted" and self.power is None:
+            raise ValueError("a weighted box source needs its power")
         if self.source in ("peak", "chest") and (self.typical_box is None or not all(
                 math.isfinite(v) and -1 <= v <= 2 for v in self.typical_box) or min(self.typical_box[2:]) <= 0):
             raise ValueError(f"a {self.source} box source needs a finite typical box with a positive size")

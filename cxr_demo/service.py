@@ -72,8 +72,8 @@ PEAK_OUTSIDE = ("Before the anatomical prior, this heatmap's peak lay outside th
                 "mediastinum): the model also looked at {where}.")
 
 CHEST_BOX = ("The box for {finding} is where that finding usually lies relative to the lungs found in this film (the "
-             "localisation study chose it: it agreed with radiologists' boxes better than any box drawn from this "
-             "model's heatmaps); it does not come from the heatmap, which shows where the model looked.")
+             "localisation study chose it: boxes drawn from this model's heatmaps agreed with radiologists' boxes no "
+             "better); it does not come from the heatmap, which shows where the model looked.")
 NO_CHEST_FOR_BOX = ("The box for {finding} would be placed relative to the chest, but no chest was found in this "
                     "film: the box comes from the heatmap rule instead.")
 
@@ -404,13 +404,15 @@ class DemoService:
         choice = settings.box_source(finding)
         if choice is not None:
             frame = chest_frame(chest) if chest is not None and choice.source != "heatmap" else None
-            chosen = finding_boxes(heat, choice, frame, xray.width, xray.height)
+            fields = lungs.region("lungs", xray.width, xray.height) if frame is not None and choice.source == "place" \
+                else None
+            chosen = finding_boxes(heat, choice, frame, xray.width, xray.height, fields)
             if chosen is None:
                 warnings.append(NO_CHEST_FOR_BOX.format(finding=finding))
             else:
                 pred_boxes, box_source = chosen, choice.source
                 box_rule = f"{choice.text} (chosen for {finding} by the localisation study)"
-                if choice.source == "chest":
+                if choice.source in ("chest", "place"):
                     warnings.append(CHEST_BOX.format(finding=finding))
 
         typed = parse_boxes(ground_truth, xray.width, xray.height)

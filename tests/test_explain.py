@@ -231,7 +231,47 @@ def test_finding_boxes_of_each_source():
     assert frame_box([0.0, 0.0, 0.5, 0.25], frame, 100, 200) == pytest.approx((0.0, 0.0, 40.0, 40.0))
 
 
+def test_usual_place_map_and_its_sources():
+    """place_map puts each Gaussian where the card says relative to the chest frame; ``place`` boxes its usual place
+    within the lung fields whatever the heatmap; ``weighted`` boxes the heatmap times the place."""
+    from cxr_demo.boxes import BoxRule, finding_boxes, place_map
+    from cxr_demo.card import FindingBox
+
+    frame = (10.0, 20.0, 80.0, 160.0)
+    one = [[1.0, 0.25, 0.75, 0.05, 0.05]]
+    m = place_map(one, frame, 100, 200)
+    assert m.shape == (200, 100) and m.max() == pytest.approx(1.0)
+    py, px = np.unravel_index(int(np.argmax(m)), m.shape)
+    assert (px, py) in {(29, 139), (29, 140), (30, 139), (30, 140)}  # centre (10 + 0.25 * 80, 20 + 0.75 * 160)
+    assert m[140, 30 + 8] == pytest.approx(np.exp(-0.5 * (8.5 / 4) ** 2), rel=0.05)  # sd 0.05 x 80 = 4 px
+    two = place_map([[0.7, 0.25, 0.5, 0.05, 0.05], [0.3, 0.75, 0.5, 0.05, 0.05]], frame, 100, 200)
+    assert two[100, 30] == pytest.approx(1.0, abs=0.02) and two[100, 70] == pytest.approx(0.3 / 0.7, abs=0.02)
+
+    rule = BoxRule(0.5, "relative", "all", "rect")
+    lungs = np.zeros((200, 100), bool)
+    lungs[40:180, 15:45] = lungs[40:180, 55:85] = True
+    heat = np.zeros((200, 100), np.float32)
+    heat[30:50, 60:80] = 1.0  # the heatmap's heat lies elsewhere: a place box ignores it
+    place = FindingBox(source="place", rule=rule.__dict__, place=one, text="p")
+    (box,) = finding_boxes(heat, place, frame, 100, 200, lungs)
+    assert box[0] < 30 < box[0] + box[2] and box[1] < 140 < box[1] + box[3] and box[2] < 20
+    assert finding_boxes(heat, place, frame, 100, 200, np.zeros_like(lungs)) is None  # no lung fields: the rule
+    assert finding_boxes(heat, place, None, 100, 200, lungs) is None
+    # weighted: the heatmap where the usual place is; with the heat far from the place, its box goes to the place
+    heat[130:150, 20:40] = 0.2
+    weighted = FindingBox(source="weighted", rule=rule.__dict__, place=one, power=1.0, text="w")
+    (box,) = finding_boxes(heat, weighted, frame, 100, 200)
+    assert 20 <= box[0] and box[0] + box[2] <= 40 and 130 <= box[1] and box[1] + box[3] <= 150
+
+
 @pytest.mark.parametrize("fields", [
+    {"source": "place", "place": [[1.0, 0.5, 0.5, 0.1, 0.1]]},  # no rule
+    {"source": "place", "rule": {}},  # no place
+    {"source": "place", "rule": {}, "place": [[1.0, 0.5, 0.5, 0.0, 0.1]]},
+    {"source": "place", "rule": {}, "place": [[1.0, 0.5, float("inf"), 0.1, 0.1]]},
+    {"source": "place", "rule": {}, "place": [[0.0, 0.5, 0.5, 0.1, 0.1]]},
+    {"source": "place", "rule": {}, "place": [[1.0, 0.5, 0.5, 0.1]]},
+    {"source": "weighted", "rule": {}, "place": [[1.0, 0.5, 0.5, 0.1, 0.1]]},  # no power
     {"source": "heatmap"},
     {"source": "peak", "typical_box": [0.5, 0.5, 0.1, 0.1]},
     {"source": "chest", "typical_box": [0.5, 0.5, 0.0, 0.1]},

@@ -210,7 +210,10 @@ def test_per_finding_box_sources_are_chosen_on_select_and_used_by_the_app_and_ev
             result["chosen"]["report"]["mean_iou_over_findings"], abs=1e-9)
         for f, c in pf["per_finding"].items():
             assert c["select_mean_iou"] >= c["select_mean_iou_first_stage_rule"]  # the first-stage rule was a candidate
-            assert c["source"] in ("heatmap", "peak", "chest")
+            assert c["source"] in ("heatmap", "peak", "chest", "sided", "place", "weighted")
+        # the image-free sources and the heatmap's own, side by side
+        assert {"report_image_free_per_finding", "report_heatmap_sources_per_finding",
+                "margin_of_heatmap_over_image_free", "report_only_place_boxes"} <= set(pf)
         from training.localisation import refresh_cards
 
         refresh_cards([folder], docs / "localisation")  # re-writing the first stage's defaults keeps the second's
@@ -242,6 +245,18 @@ def test_per_finding_box_sources_are_chosen_on_select_and_used_by_the_app_and_ev
             assert doc["box_source"] == "rule" and any("no chest was found" in w for w in doc["warnings"])
         _, doc = service.explain(read_xray(img), "tiny", "Effusion", "default", None, 0.5, 0.4)  # a typed threshold
         assert doc["box_source"] == "rule"
+        # a finding whose source is its usual place: boxes from the place within the lung fields, said to be so
+        place = FindingBox(source="place", rule={"threshold": 0.5, "regions": "all"}, text="usual place",
+                           place=[[0.5, 0.25, 0.5, 0.1, 0.2], [0.5, 0.75, 0.5, 0.1, 0.2]])
+        d.per_finding = {"Effusion": place}
+        write_card(card, folder)
+        service = DemoService(Zoo(ZooSource(folder.parent)), lungs=LungSegmenter(tmp / "lungs" / "lungs-tiny"))
+        _, doc = service.explain(read_xray(img), "tiny", "Effusion", "default")
+        if doc["lungs"].get("found"):
+            assert doc["box_source"] == "place" and 1 <= len(doc["predicted_boxes"]) <= 3
+            assert any("usually lies relative to the lungs" in w for w in doc["warnings"])
+        else:
+            assert doc["box_source"] == "rule" and any("no chest was found" in w for w in doc["warnings"])
     finally:
         card = read_card(folder)
         card.explain_defaults = kept

@@ -12,7 +12,15 @@ chooses, per finding, on the study's select half, one box source among:
 - ``sided``: the finding's usual box on the image's left or right half of the chest (medians on the select
   half), on the side where the heatmap holds more heat;
 - ``chest``: the finding's usual box relative to the chest's bounding box (the lung model alone: it does not
-  look at the classifier's heatmap, and the app says so).
+  look at the classifier's heatmap, and the app says so);
+- ``place``: a heatmap -> box rule applied, instead of the heatmap, to the finding's usual place within the lung
+  fields (per side of the chest, a Gaussian fitted to the centres and sizes of the select half's boxes relative to
+  the chest's bounding box; the lung model alone, like ``chest``);
+- ``weighted``: a rule applied to the heatmap times the usual place to a power (0.5, 1, 2).
+
+``chest`` and ``place`` are image-free as far as the classifier goes: the study reports, beside the choice, the
+best of them per finding and the best of the heatmap's own sources, so that what the classifier's heatmap adds over
+the finding's usual place can be read off.
 
 Numbers under ``report`` come from the other, patient-disjoint half, beside the first stage's choice and the
 image-free baselines. Run::
@@ -35,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr_demo import paths
-from cxr_demo.boxes import BoxRule, chest_frame, finding_boxes, predicted_boxes_for_rules, relative_to_frame
+from cxr_demo.boxes import BoxRule, chest_frame, finding_boxes, place_map, predicted_boxes_for_rules, relative_to_frame
 from cxr_demo.cam import compute_heatmap, resize_heatmap
 from cxr_demo.card import FindingBox, read_card, write_card
 from cxr_demo.inference import normalise_batch
@@ -53,7 +61,9 @@ PEAK_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
 # (select halves hold 30-70 boxes per finding: smaller differences are noise). Complexity: the first stage's rule,
 # another heatmap rule, the chest box (one fitted box), the peak box (a box size and a scale), the sided box (two).
 PARSIMONY = 0.01
-COMPLEXITY = {"heatmap": 1, "chest": 2, "peak": 3, "sided": 4}
+COMPLEXITY = {"heatmap": 1, "chest": 2, "place": 3, "peak": 4, "sided": 5, "weighted": 6}
+PLACE_POWERS = (0.5, 1.0, 2.0)
+IMAGE_FREE = ("chest", "place")  # sources that do not look at the classifier's heatmap
 
 
 def typical_boxes(pairs: list[dict], idx: list[int], frames: dict) -> dict[str, list[float]]:
@@ -82,10 +92,44 @@ def sided_boxes(pairs: list[dict], idx: list[int], frames: dict) -> dict[str, li
             for f, sides in out.items() if all(sides)}
 
 
-def candidates(typical: list[float] | None, rules: list[BoxRule], sided: list[list[float]] | None = None
-               ) -> dict[str, FindingBox]:
+def usual_places(pairs: list[dict], idx: list[int], frames: dict) -> dict[str, list[list[float]]]:
+    """Per finding, its usual place on pairs ``idx``: per side of the chest frame (the image's left and right halves)
+    with at least two boxes, a Gaussian ``(weight, centre x, centre y, sd x, sd y)`` in fractions of the frame, its
+    weight the side's share of the boxes, its centre the mean box centre, its variance the centres' variance plus
+    that of a point drawn uniformly from the mean box (w^2 / 12)."""
+    rel: dict[str, list] = {}
+    for i in idx:
+        frame = frames.get(pairs[i]["image"])
+        if frame is not None:
+            rel.setdefault(pairs[i]["finding"], []).extend(relative_to_frame(b, frame) for b in pairs[i]["truth"])
+    out = {}
+    for f, boxes in rel.items():
+        b = np.asarray(boxes, dtype=np.float64)
+        comps = []
+        for side in (b[b[:, 0] < 0.5], b[b[:, 0] >= 0.5]):
+            if len(side) >= 2:
+                sd = np.sqrt(side[:, :2].var(axis=0) + (side[:, 2:] ** 2).mean(axis=0) / 12)
+                comps.append([len(side) / len(b), *side[:, :2].mean(axis=0), *np.maximum(sd, 0.005)])
+        if comps:
+            out[f] = [[round(float(v), 4) for v in c] for c in comps]
+    return out
+
+
+def candidates(typical: list[float] | None, rules: list[BoxRule], sided: list[list[float]] | None = None,
+               place: list[list[float]] | None = None) -> dict[str, FindingBox]:
     """Every box source tried for one finding."""
     out = {f"heatmap:{i}": FindingBox(source="heatmap", rule=asdict(r), text=r.describe()) for i, r in enumerate(rules)}
+    if place is not None:
+        for i, r in enumerate(rules):
+            out[f"place:{i}"] = FindingBox(
+                source="place", rule=asdict(r), place=place,
+                text=f"{r.describe().replace('heatmap', 'the usual place')}: the finding's usual place within the lung "
+                     "fields (lung model; not the heatmap)")
+            for a in PLACE_POWERS:
+                out[f"weighted:{a:g}:{i}"] = FindingBox(
+                    source="weighted", rule=asdict(r), place=place, power=a,
+                    text=f"{r.describe()}, of the heatmap times the finding's usual place"
+                         f"{f' to the power {a:g}' if a != 1 else ''}")
     if typical is not None:
         for s in PEAK_SCALES:
             out[f"peak:{s:g}"] = FindingBox(
@@ -130,7 +174,9 @@ def run(folder: Path, data_root: Path | None = None, lung_folder: Path | None = 
     first_stage = rules.index(BoxRule(**chosen["rule"]))
     global_key = f"heatmap:{first_stage}"
     sides = sided_boxes(pairs, halves["select"], frames)
-    options = {f: candidates(typical.get(f), rules, sides.get(f)) for f in sorted({p["finding"] for p in pairs})}
+    places = usual_places(pairs, halves["select"], frames)
+    options = {f: candidates(typical.get(f), rules, sides.get(f), places.get(f))
+               for f in sorted({p["finding"] for p in pairs})}
     x_all = normalise_batch(pixels, card.mean, card.std)
     rows: list[dict[str, list[dict]]] = []  # per pair, per candidate: the box rows, as the app would draw the boxes
     t0 = time.perf_counter()
@@ -142,12 +188,22 @@ def run(folder: Path, data_root: Path | None = None, lung_folder: Path | None = 
         if prior is not None and res is not None and res.found():
             heat = apply_prior(heat, res.region(prior, p["width"], p["height"]))
         frame = frames.get(p["image"])
-        by_rule = predicted_boxes_for_rules(heat, rules)  # what finding_boxes gives a heatmap source, faster
+        # what finding_boxes gives the rule-based sources, faster (one labelling per threshold)
+        by_rule = {"heatmap": predicted_boxes_for_rules(heat, rules)}
+        place = places.get(p["finding"])
+        if frame is not None and place is not None:
+            usual = place_map(place, frame, p["width"], p["height"])
+            fields = res.region("lungs", p["width"], p["height"])
+            by_rule["place"] = predicted_boxes_for_rules(usual * fields, rules)
+            for a in PLACE_POWERS:
+                by_rule[f"weighted:{a:g}"] = predicted_boxes_for_rules(heat * usual ** a, rules)
         here = {}
         for key, option in options[p["finding"]].items():
-            boxes = (by_rule[int(key.split(":")[1])] if option.source == "heatmap"
+            kind, _, number = key.rpartition(":")
+            boxes = (by_rule.get(kind, [None] * len(rules))[int(number)]
+                     if option.source in ("heatmap", "place", "weighted")
                      else finding_boxes(heat, option, frame, p["width"], p["height"]))
-            here[key] = box_rows(p, boxes if boxes is not None else by_rule[first_stage], heat)  # no chest: as the app
+            here[key] = box_rows(p, boxes if boxes is not None else by_rule["heatmap"][first_stage], heat)  # as the app
         rows.append(here)
         if n % 100 == 0:
             log.info("%d/%d heatmaps (%.1f s)", n, len(pairs), time.perf_counter() - t0)
@@ -160,7 +216,7 @@ def run(folder: Path, data_root: Path | None = None, lung_folder: Path | None = 
         [i for i in halves["select"] if pairs[i]["finding"] == f], lambda _f, _k=k: _k)])) for k in options[f]}
         for f in findings}
 
-    def best(f: str, prefix: str = "") -> str:
+    def best(f: str, prefix: str | tuple[str, ...] = "") -> str:
         keys = [k for k in scores[f] if k.startswith(prefix)] or [global_key]
         top = max(scores[f][k] for k in keys)
         # parsimony: of the sources within PARSIMONY of the best, the simplest (the first stage's rule first)
@@ -171,7 +227,13 @@ def run(folder: Path, data_root: Path | None = None, lung_folder: Path | None = 
     report_rows = rows_for(halves["report"], lambda f: choice[f])
     first_rows = rows_for(halves["report"], lambda f: global_key)
     only = {src: rows_for(halves["report"], lambda f, s=src: best(f, s))
-            for src in ("heatmap", "peak", "chest", "sided")}
+            for src in ("heatmap", "peak", "chest", "sided", "place", "weighted")}
+    # per finding the best (on select) of the sources that do not look at the heatmap, and of those that do
+    kinds = {"image_free": IMAGE_FREE, "heatmap": ("heatmap", "peak", "sided", "weighted")}
+    split = {name: {f: best(f, ks) for f in findings}
+             for name, ks in kinds.items()}
+    image_free_rows = rows_for(halves["report"], lambda f: split["image_free"][f])
+    heatmap_rows = rows_for(halves["report"], lambda f: split["heatmap"][f])
     return {
         "model": card.name, "weights_sha256": card.sha256, "study": _relative(study_path),
         "heatmap": {"method": method, "layer": layer, "prior": prior},
@@ -186,6 +248,15 @@ def run(folder: Path, data_root: Path | None = None, lung_folder: Path | None = 
         "report_only_peak_boxes": summarise(only["peak"]),
         "report_only_chest_boxes": summarise(only["chest"]),
         "report_only_sided_boxes": summarise(only["sided"]),
+        "report_only_place_boxes": summarise(only["place"]),
+        "report_only_weighted_boxes": summarise(only["weighted"]),
+        "report_image_free_per_finding": summarise(image_free_rows),
+        "report_image_free_per_finding_by_finding": per_finding(image_free_rows),
+        "report_heatmap_sources_per_finding": summarise(heatmap_rows),
+        "report_heatmap_sources_per_finding_by_finding": per_finding(heatmap_rows),
+        "margin_of_heatmap_over_image_free": round(
+            summarise(heatmap_rows)["mean_iou_over_findings"] - summarise(image_free_rows)["mean_iou_over_findings"], 4),
+        "usual_places_on_select": places,
         "sided_boxes_on_select": sides,
         "image_free_baselines": {k: v["report"] for k, v in study["image_free_baselines"].items()},
         "selection": (f"per finding, the box source with the best mean IoU on the study's 'select' half, except "

@@ -77,17 +77,18 @@ def box_study(model, card, records, pixels, boxes_by_image, lung_folder: Path | 
         heat = compute_heatmap(model, card, x_in, card.label_names.index(p["finding"]), settings.method,
                                layer=settings.layer)
         heat = resize_heatmap(heat, p["width"], p["height"], card.crop)
-        frame = None
+        frame = fields = None
         if lungs is not None:
             res = lungs.segment(read_xray(records[p["index"]].path).pixels)
             if res.found():
                 frame = chest_frame(res.region("hull", p["width"], p["height"]))
+                fields = res.region("lungs", p["width"], p["height"])
                 if settings.prior is not None:
                     heat = apply_prior(heat, res.region(settings.prior, p["width"], p["height"]))
         heats.append(heat)
         # the app's boxes (DemoService.explain): the finding's studied box source, else the box rule
         choice = settings.box_source(p["finding"])
-        chosen = None if choice is None else finding_boxes(heat, choice, frame, p["width"], p["height"])
+        chosen = None if choice is None else finding_boxes(heat, choice, frame, p["width"], p["height"], fields)
         boxes.append(chosen if chosen is not None else predicted_boxes(heat, settings.rule))
     seconds = time.time() - t0
     rows = score_rule(heats, pairs, settings.rule, boxes)

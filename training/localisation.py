@@ -502,26 +502,42 @@ def per_finding_section(docs: Path) -> list[str]:
            "median box on the select half relative to the chest's bounding box, x 0.5-1.5) centred on the heatmap's",
            "peak (`peak`); or the finding's usual box relative to the chest (`chest`: the lung model alone, not the",
            "heatmap; the app says so under the overlay), or its usual box on the image's left or right half of the",
-           "chest, the half where the heatmap holds more heat (`sided`); of the sources within 0.01 mean IoU of the",
-           "best on select, the simplest (the first stage's rule, another rule, chest, peak, sided). Report half, mean",
-           "IoU over the 8 findings / hit rate IoU > 0.1:",
-           "", "| model | first stage | **per finding** | heatmap rules only | peak boxes only | sided boxes only | "
-           "chest boxes only | chest-frame median box (image-free) |", "|---|---|---|---|---|---|---|---|"]
+           "chest, the half where the heatmap holds more heat (`sided`); a box rule applied to the heatmap times the",
+           "finding's **usual place** to a power 0.5-2 (`weighted`); or, not looking at the heatmap, a box rule applied",
+           "to the usual place alone within the lung fields (`place`: per side of the chest, a Gaussian fitted to the",
+           "select half's boxes relative to the chest's bounding box). Of the sources within 0.01 mean IoU of the best",
+           "on select, the simplest (the first stage's rule, another rule, chest, place, peak, sided, weighted).",
+           "`chest` and `place` use the lung model, not the classifier: the last columns set the best of them per",
+           "finding (chosen on select) against the best of the sources that look at the heatmap, and their difference",
+           "is **what the classifier's heatmap adds over the finding's usual place**. Report half, mean IoU over the 8",
+           "findings / hit rate IoU > 0.1:",
+           "", "| model | first stage | **per finding** | heatmap rules only | peak only | sided only | weighted only | "
+           "chest only | place only | **heatmap's sources** | **image-free sources** | heatmap adds |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for d in results:
-        sided = d.get("report_only_sided_boxes")
+        def get(key):
+            return pair(d[key]) if d.get(key) else "-"
+
+        margin = d.get("margin_of_heatmap_over_image_free")
         out.append(f"| {d['model']} | {pair(d['report_first_stage'])} | **{pair(d['report'])}** | "
-                   f"{pair(d['report_only_heatmap_rules_per_finding'])} | {pair(d['report_only_peak_boxes'])} | "
-                   f"{pair(sided) if sided else '-'} | {pair(d['report_only_chest_boxes'])} | "
-                   f"{pair(d['image_free_baselines']['lung_median_box_per_finding'])} |")
+                   f"{get('report_only_heatmap_rules_per_finding')} | {get('report_only_peak_boxes')} | "
+                   f"{get('report_only_sided_boxes')} | {get('report_only_weighted_boxes')} | "
+                   f"{get('report_only_chest_boxes')} | {get('report_only_place_boxes')} | "
+                   f"**{get('report_heatmap_sources_per_finding')}** | **{get('report_image_free_per_finding')}** | "
+                   f"{'-' if margin is None else f'{margin:+.3f}'} |")
     for d in results:
         out += ["", f"{d['model']}, per finding (report half): the source chosen on select, its mean IoU and hit rate "
                 "beside the first stage's.", "",
-                "| finding | boxes | source (chosen on select) | mean IoU | hit | first stage IoU | first stage hit |",
-                "|---|---|---|---|---|---|---|"]
+                "| finding | boxes | source (chosen on select) | mean IoU | hit | first stage IoU | first stage hit | "
+                "heatmap's sources IoU | image-free sources IoU |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for f, c in d["per_finding"].items():
             r, g = d["report_per_finding"].get(f, {}), d["report_first_stage_per_finding"].get(f, {})
+            h = d.get("report_heatmap_sources_per_finding_by_finding", {}).get(f, {})
+            i = d.get("report_image_free_per_finding_by_finding", {}).get(f, {})
             out.append(f"| {f} | {r.get('n_boxes', 0)} | {c['source']}: {c['text']} | {_f(r.get('mean_iou'))} | "
-                       f"{_f(r.get('hit_rate_iou_0.1'))} | {_f(g.get('mean_iou'))} | {_f(g.get('hit_rate_iou_0.1'))} |")
+                       f"{_f(r.get('hit_rate_iou_0.1'))} | {_f(g.get('mean_iou'))} | {_f(g.get('hit_rate_iou_0.1'))} | "
+                       f"{_f(h.get('mean_iou'))} | {_f(i.get('mean_iou'))} |")
     return out + [""]
 
 
