@@ -9,6 +9,7 @@ calls it now and then from a daemon thread.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
@@ -114,3 +115,39 @@ class MemoryTrimmer:
                 self.check()
             except Exception as e:  # noqa: BLE001 - the next round tries again
                 log.error("trimming the heap failed: %s", type(e).__name__)
+
+
+# Intra-op threads of a heatmap, report or comparison (the heatmap lane); 0: as many as /predict (every core).
+# bench.load on the 2-core CPU (docs/bench/load-heatmap-threads1-cpu2.md against load-cpu2.md): one thread makes
+# /explain twice as fast under load (p95 ~1.4 s against ~3.0 s) but /predict ~0.15 s slower at the median (clients
+# come back sooner), and /predict's p95 is what the service promises, so it stays off by default.
+HEATMAP_THREADS = max(0, int(os.environ.get("CXR_DEMO_HEATMAP_THREADS", "0") or 0))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the body with ``n`` intra-op threads in the calling thread, then restore its count.
+
+    PyTorch's OpenMP thread count is per calling thread once that thread has run ATen (``torch.set_num_threads`` in
+    one worker thread leaves the others as they were), but a thread's first use copies the count last set by any
+    thread, and Gradio's worker threads are reused across lanes: so every lane sets its count per call (``/predict``
+    its full count, :data:`ui.PREDICT_THREADS`) and restores it."""
+    import torch  # not at import: app.py limits malloc's arenas before torch allocates
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def with_torch_threads(n: int):
+    """Decorator form of :func:`torch_threads`."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            with torch_threads(n):
+                return fn(*args, **kwargs)
+        return wrapper
+    return decorate

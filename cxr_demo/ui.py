@@ -19,6 +19,7 @@ from typing import Any
 
 import gradio as gr
 import numpy as np
+import torch
 from PIL import Image
 
 from cxr_demo import INTENDED_USE, calibration
@@ -27,6 +28,7 @@ from cxr_demo.card import OPERATING_POINT_HELP, ModelCard
 from cxr_demo.groundtruth import boxed_findings, default_examples
 from cxr_demo.images import IMAGE_SUFFIXES, XRay
 from cxr_demo.labels import display_name
+from cxr_demo.memory import HEATMAP_THREADS, with_torch_threads
 from cxr_demo.ood import measurement as ood_measurement
 from cxr_demo.ood import rate_text
 from cxr_demo.overlay import OUTLINE_COLOUR, PRED_COLOUR, TRUTH_COLOUR, colour_bar_css
@@ -47,6 +49,11 @@ QUEUE_MAX_SIZE = 32
 # /predicts at a time starved the heatmaps under load (README, Speed).
 PREDICT_LANE, HEATMAP_LANE = "predict", "heatmap"
 PREDICT_SLOTS, HEATMAP_SLOTS = 1, 2
+# Intra-op threads per call, set and restored by each call (Gradio reuses its worker threads across lanes): a
+# /predict every core the process has (read here, in the importing thread, before any request), a heatmap-lane
+# call CXR_DEMO_HEATMAP_THREADS (cxr_demo.memory; 0, the default: the same).
+PREDICT_THREADS = torch.get_num_threads()
+HEATMAP_LANE_THREADS = HEATMAP_THREADS or PREDICT_THREADS
 # (every, older than) seconds: an overlay is a whole radiograph; it is fetched within seconds of being made.
 CACHE_CLEANING = (60, 120)
 # seconds a result stays once it has been delivered (DeliveredResults): time for the page to draw it
@@ -400,6 +407,7 @@ class Handlers:
         return self.service.models()
 
     @user_errors_as_gr_error
+    @with_torch_threads(PREDICT_THREADS)
     def predict(self, path: str | None, model_name: str, operating_point: str, state: XRay | None = None,
                 request: gr.Request | None = None) -> tuple[dict, str]:
         """Probability, threshold and flag for every finding of the chosen model."""
@@ -407,6 +415,7 @@ class Handlers:
         return pred.document, findings_html(pred.document)
 
     @user_errors_as_gr_error
+    @with_torch_threads(HEATMAP_LANE_THREADS)
     def report(self, path: str | None, model_name: str, operating_point: str, finding: str | None = None,
                method: str = "default", ground_truth_box: str = "", state: XRay | None = None,
                request: gr.Request | None = None) -> str:
@@ -423,6 +432,7 @@ class Handlers:
         return write_report(pdf, pred.card.name)
 
     @user_errors_as_gr_error
+    @with_torch_threads(HEATMAP_LANE_THREADS)
     def explain(self, path: str | None, model_name: str, finding: str | None, method: str, ground_truth_box: str = "",
                 opacity: float = 0.5, box_threshold: float = 0.0, prior: str = "default", lung_outline: bool = False,
                 state: XRay | None = None, request: gr.Request | None = None):
@@ -444,6 +454,7 @@ class Handlers:
                             "default", False, state, request)
 
     @user_errors_as_gr_error
+    @with_torch_threads(HEATMAP_LANE_THREADS)
     def compare(self, path: str | None, operating_point: str, model_name: str | None = None,
                 state: XRay | None = None, progress=gr.Progress(), request: gr.Request | None = None
                 ) -> tuple[str, dict]:

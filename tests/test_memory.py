@@ -139,3 +139,45 @@ def test_trimming_gives_freed_heap_pages_back():
         assert trimmer.trims >= 1  # the thread runs the checks
     finally:
         trimmer.stop()
+
+
+def test_torch_threads_is_per_calling_thread_and_restored():
+    """The heatmap lane's thread limit holds in the thread that set it, leaves the other threads (a /predict) with
+    every core, and is undone when the call ends, also on an error (Gradio reuses its worker threads)."""
+    import threading
+
+    import torch
+
+    from cxr_demo.memory import torch_threads, with_torch_threads
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("needs two intra-op threads")
+    before = torch.get_num_threads()
+    seen = {}
+
+    @with_torch_threads(1)
+    def heatmap(fail: bool = False):
+        seen["heatmap"] = torch.get_num_threads()
+        ready.set()
+        go.wait(5)
+        if fail:
+            raise ValueError("bad input")
+
+    @with_torch_threads(before)  # as the predict lane: a thread first used meanwhile would copy the heatmap's 1
+    def predict():
+        ready.wait(5)
+        seen["predict"] = torch.get_num_threads()
+        go.set()
+
+    ready, go = threading.Event(), threading.Event()
+    worker = threading.Thread(target=heatmap)
+    other = threading.Thread(target=predict)
+    worker.start(), other.start(), worker.join(), other.join()
+    assert seen == {"heatmap": 1, "predict": before}
+    go.set()
+    with pytest.raises(ValueError):
+        heatmap(fail=True)
+    assert torch.get_num_threads() == before
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
