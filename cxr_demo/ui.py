@@ -478,7 +478,9 @@ def explain_markdown(doc: dict[str, Any]) -> str:
     """The explain result in words, under the image: finding, method, box rule, a legend and colour scale
     (outside the image), IoU per ground-truth box, and each warning once."""
     truth = bool(doc["ground_truth_boxes"])
-    legend = f"<span style='color:rgb{PRED_COLOUR}'>&#9632;</span> P = model's box"
+    usual = doc.get("box_source") in ("chest", "place")  # the box comes from the lung model, not the heatmap
+    legend = (f"<span style='color:rgb{PRED_COLOUR}'>&#9632;</span> P = "
+              + ("the finding's usual place in these lungs (not the heatmap)" if usual else "model's box"))
     if truth:
         legend += f", <span style='color:rgb{TRUTH_COLOUR}'>&#9632;</span> T = radiologist's box"
     if doc.get("lung_outline"):

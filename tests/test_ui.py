@@ -164,3 +164,14 @@ def test_old_results_are_deleted_even_while_requests_add_files(tmp_path, monkeyp
     finally:
         cleaner.stop()
     assert not young.exists() and kept.exists()
+
+
+def test_explain_text_says_when_the_box_is_the_usual_place():
+    """Under the overlay, the legend calls a box from the lung model (chest, place) what it is, not the model's box."""
+    from cxr_demo.ui import explain_markdown
+
+    doc = {"finding": "Effusion", "probability": 0.4, "method": "gradcam", "layer": "x", "box_rule": "r",
+           "prior_text": "lung fields", "ground_truth_boxes": [], "iou": None, "warnings": [], "box_source": "place"}
+    assert "usual place in these lungs (not the heatmap)" in explain_markdown(doc)
+    assert "P = model's box" in explain_markdown(doc | {"box_source": "heatmap"})
+    assert "P = model's box" in explain_markdown(doc | {"box_source": "rule"})
