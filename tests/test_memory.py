@@ -144,15 +144,19 @@ def test_trimming_gives_freed_heap_pages_back():
 def test_torch_threads_is_per_calling_thread_and_restored():
     """The heatmap lane's thread limit holds in the thread that set it, leaves the other threads (a /predict) with
     every core, and is undone when the call ends, also on an error (Gradio reuses its worker threads)."""
-    import threading
-
     import torch
 
     from cxr_demo.memory import torch_threads, with_torch_threads
 
-    if torch.get_num_threads() < 2:
-        pytest.skip("needs two intra-op threads")
+    with torch_threads(2):  # whatever count earlier tests (training runs) left in this thread
+        _check_threads(torch, torch_threads, with_torch_threads)
+
+
+def _check_threads(torch, torch_threads, with_torch_threads) -> None:
+    import threading
+
     before = torch.get_num_threads()
+    assert before == 2
     seen = {}
 
     @with_torch_threads(1)
