@@ -39,7 +39,10 @@ def test_upload_predict_explain_in_chromium(live_app, tmp_path):
             page.screenshot(path=str(ARTIFACTS / "browser-findings.png"), full_page=True)
             open_tab(page, "Heatmap")
             page.get_by_role("button", name="Show heatmap").click()
-            page.get_by_text("model's box", exact=False).first.wait_for(timeout=60_000)
+            page.get_by_text("high attention", exact=False).first.wait_for(timeout=60_000)  # the legend
+            # the yellow box is named for what it is: the model's, or the finding's usual place (lung model)
+            legend = page.locator("body").inner_text()
+            assert "P = model's box" in legend or "P = the finding's usual place in these lungs" in legend
             overlay = page.locator("#overlay img").first
             overlay.wait_for(timeout=30_000)
             assert overlay.evaluate("img => img.complete && img.naturalWidth") > 0

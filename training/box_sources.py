@@ -59,7 +59,8 @@ DOCS = paths.PROJECT_ROOT / "docs" / "localisation"
 PEAK_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
 # A source more complex than another must beat it on the select half by more than this mean IoU to be chosen
 # (select halves hold 30-70 boxes per finding: smaller differences are noise). Complexity: the first stage's rule,
-# another heatmap rule, the chest box (one fitted box), the peak box (a box size and a scale), the sided box (two).
+# another heatmap rule, the chest box (one fitted box), the usual place (two Gaussians and a rule), the peak box (a
+# box size and a scale), the sided box (two boxes), the weighted heatmap (the place, a rule and a power).
 PARSIMONY = 0.01
 COMPLEXITY = {"heatmap": 1, "chest": 2, "place": 3, "peak": 4, "sided": 5, "weighted": 6}
 PLACE_POWERS = (0.5, 1.0, 2.0)
@@ -230,8 +231,7 @@ def run(folder: Path, data_root: Path | None = None, lung_folder: Path | None = 
             for src in ("heatmap", "peak", "chest", "sided", "place", "weighted")}
     # per finding the best (on select) of the sources that do not look at the heatmap, and of those that do
     kinds = {"image_free": IMAGE_FREE, "heatmap": ("heatmap", "peak", "sided", "weighted")}
-    split = {name: {f: best(f, ks) for f in findings}
-             for name, ks in kinds.items()}
+    split = {name: {f: best(f, ks) for f in findings} for name, ks in kinds.items()}
     image_free_rows = rows_for(halves["report"], lambda f: split["image_free"][f])
     heatmap_rows = rows_for(halves["report"], lambda f: split["heatmap"][f])
     return {
