@@ -18,6 +18,8 @@ DEFAULT_BOX_THRESHOLD = 0.5  # of the heatmap's maximum
 # "Every connected region" keeps at most this many boxes (largest first), so a rule cannot win by
 # scattering boxes over the image.
 MAX_BOXES = 3
+# Box sources (cxr_demo.card.FindingBox.source) drawn from the lung model alone, not the classifier's heatmap.
+IMAGE_FREE_SOURCES = ("chest", "place")
 
 
 @dataclass(frozen=True)

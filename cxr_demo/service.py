@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from cxr_demo import calibration
-from cxr_demo.boxes import best_match, chest_frame, finding_boxes, match_truth, predicted_boxes
+from cxr_demo.boxes import IMAGE_FREE_SOURCES, best_match, chest_frame, finding_boxes, match_truth, predicted_boxes
 from cxr_demo.cam import (
     CAM_LABELS,
     SLOW_CAM_METHODS,
@@ -412,7 +412,7 @@ class DemoService:
             else:
                 pred_boxes, box_source = chosen, choice.source
                 box_rule = f"{choice.text} (chosen for {finding} by the localisation study)"
-                if choice.source in ("chest", "place"):
+                if choice.source in IMAGE_FREE_SOURCES:
                     warnings.append(CHEST_BOX.format(finding=finding))
 
         typed = parse_boxes(ground_truth, xray.width, xray.height)

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from cxr_demo import INTENDED_USE, calibration
+from cxr_demo.boxes import IMAGE_FREE_SOURCES
 from cxr_demo.cam import CAM_LABELS, PRIOR_LABELS, SLOW_CAM_METHODS, prior_text
 from cxr_demo.card import OPERATING_POINT_HELP, ModelCard
 from cxr_demo.groundtruth import boxed_findings, default_examples
@@ -478,7 +479,7 @@ def explain_markdown(doc: dict[str, Any]) -> str:
     """The explain result in words, under the image: finding, method, box rule, a legend and colour scale
     (outside the image), IoU per ground-truth box, and each warning once."""
     truth = bool(doc["ground_truth_boxes"])
-    usual = doc.get("box_source") in ("chest", "place")  # the box comes from the lung model, not the heatmap
+    usual = doc.get("box_source") in IMAGE_FREE_SOURCES  # the box comes from the lung model, not the heatmap
     legend = (f"<span style='color:rgb{PRED_COLOUR}'>&#9632;</span> P = "
               + ("the finding's usual place in these lungs (not the heatmap)" if usual else "model's box"))
     if truth:

@@ -43,7 +43,15 @@ from pathlib import Path
 import numpy as np
 
 from cxr_demo import paths
-from cxr_demo.boxes import BoxRule, chest_frame, finding_boxes, place_map, predicted_boxes_for_rules, relative_to_frame
+from cxr_demo.boxes import (
+    IMAGE_FREE_SOURCES,
+    BoxRule,
+    chest_frame,
+    finding_boxes,
+    place_map,
+    predicted_boxes_for_rules,
+    relative_to_frame,
+)
 from cxr_demo.cam import compute_heatmap, resize_heatmap
 from cxr_demo.card import FindingBox, read_card, write_card
 from cxr_demo.inference import normalise_batch
@@ -64,7 +72,6 @@ PEAK_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
 PARSIMONY = 0.01
 COMPLEXITY = {"heatmap": 1, "chest": 2, "place": 3, "peak": 4, "sided": 5, "weighted": 6}
 PLACE_POWERS = (0.5, 1.0, 2.0)
-IMAGE_FREE = ("chest", "place")  # sources that do not look at the classifier's heatmap
 
 
 def typical_boxes(pairs: list[dict], idx: list[int], frames: dict) -> dict[str, list[float]]:
@@ -230,10 +237,12 @@ def run(folder: Path, data_root: Path | None = None, lung_folder: Path | None = 
     only = {src: rows_for(halves["report"], lambda f, s=src: best(f, s))
             for src in ("heatmap", "peak", "chest", "sided", "place", "weighted")}
     # per finding the best (on select) of the sources that do not look at the heatmap, and of those that do
-    kinds = {"image_free": IMAGE_FREE, "heatmap": ("heatmap", "peak", "sided", "weighted")}
+    kinds = {"image_free": IMAGE_FREE_SOURCES,
+             "heatmap": tuple(k for k in COMPLEXITY if k not in IMAGE_FREE_SOURCES)}
     split = {name: {f: best(f, ks) for f in findings} for name, ks in kinds.items()}
     image_free_rows = rows_for(halves["report"], lambda f: split["image_free"][f])
     heatmap_rows = rows_for(halves["report"], lambda f: split["heatmap"][f])
+    image_free, from_heatmap = summarise(image_free_rows), summarise(heatmap_rows)
     return {
         "model": card.name, "weights_sha256": card.sha256, "study": _relative(study_path),
         "heatmap": {"method": method, "layer": layer, "prior": prior},
@@ -250,12 +259,12 @@ def run(folder: Path, data_root: Path | None = None, lung_folder: Path | None = 
         "report_only_sided_boxes": summarise(only["sided"]),
         "report_only_place_boxes": summarise(only["place"]),
         "report_only_weighted_boxes": summarise(only["weighted"]),
-        "report_image_free_per_finding": summarise(image_free_rows),
+        "report_image_free_per_finding": image_free,
         "report_image_free_per_finding_by_finding": per_finding(image_free_rows),
-        "report_heatmap_sources_per_finding": summarise(heatmap_rows),
+        "report_heatmap_sources_per_finding": from_heatmap,
         "report_heatmap_sources_per_finding_by_finding": per_finding(heatmap_rows),
         "margin_of_heatmap_over_image_free": round(
-            summarise(heatmap_rows)["mean_iou_over_findings"] - summarise(image_free_rows)["mean_iou_over_findings"], 4),
+            from_heatmap["mean_iou_over_findings"] - image_free["mean_iou_over_findings"], 4),
         "usual_places_on_select": places,
         "sided_boxes_on_select": sides,
         "image_free_baselines": {k: v["report"] for k, v in study["image_free_baselines"].items()},
