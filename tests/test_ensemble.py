@@ -156,3 +156,25 @@ def test_evaluated_models_compare_paired_on_the_same_images(trained, tmp_path, m
     assert same["difference"] == 0 and same["ci95"] == (0.0, 0.0)
     ab = compare(copy / "a", copy / "b", n_boot=50)
     assert ab["n_patients"] == 8 and set(ab["macro_auroc_difference"]["per_label"]) == set(read_card(copy / "a").label_names)
+
+
+def test_training_seeds_share_a_split_with_split_seed(trained, monkeypatch):
+    """--split-seed keeps the validation films while the training seed changes, so seeds compare on the same films
+    and can be ensembled; a model split with another seed is refused as a member."""
+    from training.robustness import validation_predictions, validation_records
+    from training.train import main as train_main
+
+    out, data = trained
+    monkeypatch.setenv("CXR_DEMO_DATA_ROOT", str(data))
+    train_main(["--name", "c", "--out", str(out), "--seed", "1", "--split-seed", "0", *TINY])
+    train_main(["--name", "d", "--out", str(out), "--seed", "1", *TINY])
+    cards = {m: read_card(out / m) for m in "acd"}
+    assert (cards["c"].training["seed"], cards["c"].training["split_seed"]) == (1, 0)
+    assert cards["d"].training["split_seed"] == 1
+    names = lambda m: [r.path.name for r in validation_records(cards[m])]  # noqa: E731
+    assert names("c") == names("a") != names("d")
+    y, probs = validation_predictions([out / "a", out / "c"])
+    assert set(probs) == {"a", "c"} and len(y) == len(names("a"))
+    assert not np.allclose(probs["a"], probs["c"])  # another training seed: another model
+    with pytest.raises(ValueError, match="split seed"):
+        validation_predictions([out / "a", out / "d"])

@@ -281,3 +281,63 @@ def test_tsne_map_and_model_zoo_page(train_env, monkeypatch):
     monkeypatch.setattr(report, "TSNE_DIR", train_env / "zoo")
     page = report.model_zoo_doc(train_env / "ck")
     assert "tiny" in page and "zoo/tsne-tiny.png" in page and "| Atelectasis (" in page
+
+
+def test_extra_64px_films_join_training_only(train_env):
+    """--extra-64px adds the train_val films of images-64px to the training part, none of a validation patient and
+    none of the test list; the validation split is the one a run without them uses."""
+    import csv
+
+    from PIL import Image
+
+    from training.data import nih_records, patient_split
+
+    data = make_fake_nih(train_env / "data")
+    nih = data / "nih14"
+    train_val = [r for r in nih_records(nih) if r.split == "train_val"]
+    _, val = patient_split(train_val, 0.25, 0)
+    val_patient = int(val[0].patient)
+    (nih / "images-64px").mkdir()
+    films = {f"{9000 + i:08d}_000.png": (9000 + i, "train_val") for i in range(5)}
+    films[f"{val_patient:08d}_900.png"] = (val_patient, "train_val")  # a validation patient's film: left out
+    films["00009999_000.png"] = (9999, "test")  # an official test film: left out
+    with open(nih / "Data_Entry_2017_v2020.csv", "a", newline="") as f:
+        for name, (patient, _) in films.items():
+            Image.fromarray(np.random.default_rng(patient).integers(0, 255, (64, 64), dtype=np.uint8)).save(nih / "images-64px" / name)
+            csv.writer(f).writerow([name, "Effusion", 0, patient, 50, "M", "PA", 1024, 1024, 0.14, 0.14])
+    for split, listed in (("train_val", "train_val_list.txt"), ("test", "test_list.txt")):
+        with open(nih / listed, "a") as f:
+            f.write("".join(n + "\n" for n, (_, s) in films.items() if s == split))
+    common = ["--data-root", data, "--arch", "test_efficientnet", "--init", "random", "--out", train_env / "ck",
+              "--no-eval", "--epochs", "1", "--val-fraction", "0.25"]
+    plain = read_card(_train(*common, "--name", "plain"))
+    extra = read_card(_train(*common, "--name", "extra", "--extra-64px"))
+    assert extra.training["n_train_64px"] == 5 and plain.training["n_train_64px"] == 0
+    assert extra.training["n_train"] == plain.training["n_train"] + 5
+    assert extra.training["n_val"] == plain.training["n_val"] and extra.training["val_positives"] == plain.training["val_positives"]
+    assert "5 train_val films (5 patients) that exist only at 64 x 64" in extra.data_source
+    assert "64 x 64" not in plain.data_source
+    with pytest.raises(SystemExit, match="nih14 only"):
+        _train("--task", "kermany2", "--data-root", make_fake_kermany_covid(train_env / "data"), "--arch",
+               "test_efficientnet", "--init", "random", "--out", train_env / "ck", "--name", "k", "--extra-64px")
+
+
+def test_ablation_records_a_run_trained_before(train_env, monkeypatch):
+    """--record-only records a variant trained by its own train command, with the run's wall time; a variant not
+    trained yet is skipped, not trained."""
+    import training.ablation as ablation
+
+    data = make_fake_nih(train_env / "data")
+    monkeypatch.setenv("CXR_DEMO_DATA_ROOT", str(data))
+    monkeypatch.setattr(ablation, "DOCS", train_env / "docs")
+    args = ["--data-root", str(data), "--arch", "test_efficientnet", "--init", "random", "--epochs", "1",
+            "--threads", "1", "--batch-size", "8", "--input-size", "48"]
+    monkeypatch.setitem(ablation.STUDIES, "tiny", {"v-done": args, "v-not-yet": args})
+    _train(*args, "--name", "v-done", "--out", train_env / "runs" / "ablation", "--no-eval")
+    record = ablation.run_study("tiny", train_env / "runs" / "ablation", train=False)
+    assert list(record["variants"]) == ["v-done"]
+    done = record["variants"]["v-done"]
+    assert done["run_seconds"] == read_card(train_env / "runs" / "ablation" / "v-done").training["wall_seconds"]
+    assert 0 <= done["val_macro_auroc"] <= 1 and done["val_images"] > 0
+    assert not (train_env / "runs" / "ablation" / "v-not-yet").exists()
+    assert "| v-done |" in (train_env / "docs" / "ABLATION.md").read_text()

@@ -54,6 +54,9 @@ def align_labels(dataset_labels: list[str], card_labels: list[str]) -> list[int]
     return [dataset_labels.index(name) for name in card_labels]
 
 
+NIH_64PX_DIR = "images-64px"  # official films that exist here only at 64 x 64
+
+
 def nih_records(root: Path, labels: list[str] | None = None, images_dir: str = "images") -> list[Record]:
     """NIH ChestX-ray14 images present under ``root/images`` with official labels and split."""
     labels = list(labels or NIH14_LABELS)
@@ -117,6 +120,12 @@ def study_halves(pairs: list[dict], seed: int = 0) -> dict[str, list[int]]:
     half_of = {images[i]: "select" for i in sel_idx} | {images[i]: "report" for i in rep_idx}
     assert not {patient_of[images[i]] for i in sel_idx} & {patient_of[images[i]] for i in rep_idx}
     return {h: [i for i, p in enumerate(pairs) if half_of[p["image"]] == h] for h in ("select", "report")}
+
+
+def split_seed(training: dict) -> int:
+    """The seed of a card's train/validation split (``training.train --split-seed``; older cards and runs without
+    it split with the training seed)."""
+    return int(training.get("split_seed", training.get("seed", 0)))
 
 
 def patient_split(records: list[Record], val_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:

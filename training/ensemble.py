@@ -78,7 +78,7 @@ def build_card(name: str, folders: list[Path], y: np.ndarray, probs: dict[str, n
                   "val_macro_auroc": auc, "val_macro_auroc_findings_only": macro_auroc_with_finding(y, p),
                   "member_val_macro_auroc": {c.name: macro_auroc(y, probs[c.name]) for c in cards},
                   "thresholds": threshold_record(len(y), command),
-                  **{k: first.training[k] for k in ("n_train", "n_val", "val_fraction", "seed", "val_positives")
+                  **{k: first.training[k] for k in ("n_train", "n_val", "val_fraction", "seed", "split_seed", "val_positives")
                      if k in first.training}},
         license=first.license, sha256=members_digest(members),
     )

@@ -22,7 +22,7 @@ from cxr_demo.card import ModelCard, read_card
 from cxr_demo.ensemble import MEMBER_SHARED_FIELDS
 from cxr_demo.inference import logits_to_probabilities, normalise, predict_array, unit_batch
 from cxr_demo.zoo import load_checkpoint
-from training.data import Record, add_data_root_argument, cached_pixels, patient_split
+from training.data import Record, add_data_root_argument, cached_pixels, patient_split, split_seed
 from training.tasks import load_task
 
 log = logging.getLogger(__name__)
@@ -55,15 +55,16 @@ def validation_records(card: ModelCard, data_root: Path | None = None) -> list[R
         ValueError: the split does not come out at the size the card records (e.g. a ``--max-images`` run).
     """
     task = load_task(card.task, data_root)
-    _, val = patient_split(task.train_val, card.training.get("val_fraction", 0.15), card.training.get("seed", 0))
+    _, val = patient_split(task.train_val, card.training.get("val_fraction", 0.15), split_seed(card.training))
     if "n_val" in card.training and len(val) != card.training["n_val"]:
         raise ValueError(f"{card.name}: could not re-make its validation split ({len(val)} images, card says "
                          f"{card.training['n_val']})")
     return val
 
 
-# The validation split's parameters and their training.train defaults (older cards omit val_fraction).
-SPLIT = {"val_fraction": 0.15, "seed": 0, "n_val": None}
+# The validation split's parameters and their training.train defaults (older cards omit val_fraction); the split's
+# seed is compared through training.data.split_seed.
+SPLIT = {"val_fraction": 0.15, "n_val": None}
 
 
 def validation_predictions(folders: list[Path]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -76,6 +77,7 @@ def validation_predictions(folders: list[Path]) -> tuple[np.ndarray, dict[str, n
     for c in cards[1:]:
         diff = [k for k in MEMBER_SHARED_FIELDS if getattr(c, k) != getattr(cards[0], k)]
         diff += [k for k, d in SPLIT.items() if c.training.get(k, d) != cards[0].training.get(k, d)]
+        diff += ["split seed"] if split_seed(c.training) != split_seed(cards[0].training) else []
         if diff:
             raise ValueError(f"{c.name} differs from {cards[0].name} in {', '.join(diff)}")
     val = validation_records(cards[0])

@@ -34,13 +34,21 @@ from safetensors.torch import save_file
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from cxr_demo import INTENDED_USE
+from cxr_demo import INTENDED_USE, paths
 from cxr_demo.cam import default_cam_layer
 from cxr_demo.card import WEIGHTS_FILE, ModelCard, read_card, write_card
 from cxr_demo.inference import normalise, predict_array, unit_batch
 from cxr_demo.labels import display_name
 from cxr_demo.models import load_weights, sha256_file
-from training.data import UNCERTAIN_POLICIES, add_data_root_argument, cached_pixels, patient_split
+from training.data import (
+    NIH_64PX_DIR,
+    UNCERTAIN_POLICIES,
+    Record,
+    add_data_root_argument,
+    cached_pixels,
+    nih_records,
+    patient_split,
+)
 from training.evaluate import evaluate_checkpoint
 from training.losses import (
     MULTICLASS_LOSSES,
@@ -53,7 +61,7 @@ from training.losses import (
 from training.metrics import macro_auroc, macro_auroc_with_finding, threshold_record, tune_card_thresholds
 from training.models import create_training_model, model_args_for
 from training.pretrained import IMAGENET_PACKAGES, load_imagenet_into
-from training.tasks import LUNG_CROP, TASKS, load_task
+from training.tasks import LUNG_CROP, TASKS, TaskData, load_task
 
 log = logging.getLogger(__name__)
 
@@ -166,9 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(NIH validation holds ~40%% normal films, the test images almost none)")
     p.add_argument("--ema", type=float, default=None, metavar="DECAY",
                    help="validate and export an exponential moving average of the weights (e.g. 0.998)")
+    p.add_argument("--extra-64px", action="store_true",
+                   help="task nih14: also train on the official train_val films that exist only at 64 x 64 "
+                        "(../shared/data/nih14/images-64px, upsampled to --input-size); they join the training part only, "
+                        "never validation, and films of validation patients are left out")
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--patience", type=int, default=5, help="epochs without validation improvement")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split-seed", type=int, default=None,
+                   help="seed of the patient train/validation split (default: --seed); keep it fixed to compare "
+                        "training seeds on the same validation films, or to ensemble them")
     p.add_argument("--max-images", type=int, default=None, help="cap train_val images (smoke tests)")
     p.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True, help="store fp16 weights")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -182,6 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate on the task's test images after training")
     return p
+
+
+def extra_64px_records(task: TaskData, val: list[Record], args: argparse.Namespace) -> list[Record]:
+    """The NIH ``train_val`` films that exist only at 64 x 64, for the training part: none of a validation patient
+    (the validation split stays what every ablation row was measured on) and none of the official test list."""
+    if args.task != "nih14":
+        raise SystemExit("--extra-64px is for --task nih14 only")
+    root = Path(args.data_root) if args.data_root is not None else paths.data_root()
+    held = {r.patient for r in val}
+    extra = [r for r in nih_records(root / "nih14", task.label_names, images_dir=NIH_64PX_DIR)
+             if r.split == "train_val" and r.patient not in held]
+    if args.max_images:
+        extra = extra[: args.max_images // 2]
+    log.info("extra 64 px training films: %d (%d patients)", len(extra), len({r.patient for r in extra}))
+    return extra
 
 
 def positives_text(counts: dict[str, int]) -> str:
@@ -214,7 +244,10 @@ def main(argv: list[str] | None = None) -> Path:
     records = task.train_val
     if args.max_images:
         records = [records[i] for i in sorted(rng.choice(len(records), args.max_images, replace=False))]
-    train, val = patient_split(records, args.val_fraction, args.seed)
+    split_seed = args.seed if args.split_seed is None else args.split_seed
+    train, val = patient_split(records, args.val_fraction, split_seed)
+    extra = extra_64px_records(task, val, args) if args.extra_64px else []
+    train = train + extra
     log.info("train %d images / %d patients, validation %d images / %d patients", len(train),
              len({r.patient for r in train}), len(val), len({r.patient for r in val}))
     x_train = cached_pixels(train, args.input_size, crop)
@@ -396,11 +429,13 @@ def main(argv: list[str] | None = None) -> Path:
             *(["Paediatric images (1-5 years, one centre): not for adults."] if args.task.startswith("kermany") else []),
             *([COVID3_SOURCES_CAUTION] if args.task == "covid3" else []),
         ],
-        data_source=task.data_source,
+        data_source=task.data_source + (
+            f"; plus {len(extra)} train_val films ({len({r.patient for r in extra})} patients) that exist only at 64 x 64 "
+            "(../shared/data/nih14/images-64px), upsampled, in the training part only" if extra else ""),
         init=init_text,
         training={
             "command": command,
-            "n_train": len(train), "n_val": len(val), "val_fraction": args.val_fraction, "val_patients": len({r.patient for r in val}),
+            "n_train": len(train), "n_train_64px": len(extra), "n_val": len(val), "val_fraction": args.val_fraction, "val_patients": len({r.patient for r in val}),
             "val_positives": n_val_pos, "thresholds": threshold_record(len(val), command),
             "best_epoch": best_epoch, "val_macro_auroc": val_all,
             "epoch_chosen_on": "validation films with a finding" if args.select_on == "findings" else "all validation films",
@@ -413,7 +448,7 @@ def main(argv: list[str] | None = None) -> Path:
                             + (f", Gaussian noise sd {args.noise:g}/255" if args.noise else ""),
             "freeze_stem_bn": args.freeze_stem_bn, "ema_decay": args.ema,
             "val_macro_auroc_findings_only": val_findings_only,
-            "seed": args.seed, "dtype": "float16" if args.fp16 else "float32",
+            "seed": args.seed, "split_seed": split_seed, "dtype": "float16" if args.fp16 else "float32",
             "wall_seconds": round(time.time() - started), "device": str(device.type), "processes": world,
         },
         license=task.license,
