@@ -4,7 +4,9 @@ A model's pooled penultimate features are whitened with a PCA fitted on its trai
 squared Mahalanobis distance in that space is the score, and the threshold is a high percentile of
 the validation images' scores (fitted by ``python -m training.ood``). One forward pass gives both
 the features and the logits (``cxr_demo.inference.features_and_logits``), so the check costs
-nothing extra at predict time.
+nothing extra at predict time. A model that sees only a crop of the film (the paediatric lung crop) may check
+the whole film too (:attr:`OODDetector.whole_film`): its features are then those of the crop followed by those
+of the uncropped film, from one batch of two.
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 OOD_FILE = "ood.safetensors"
+# Files without this tensor were written before 2026-11-28 by a save that handed safetensors the (d, k) PCA
+# components in column-major memory (a transposed view) and so stored them in column order; :meth:`OODDetector.load`
+# reads those as ``(k, d)`` and transposes them back. The distance check served from them was scrambled (scores ~20x
+# too small, so it almost never fired) while training.ood measured the detector in memory.
+FORMAT_KEY = "format_version"
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -36,6 +44,8 @@ class OODDetector:
     population_bias: float = 0.0
     population_scale: np.ndarray | None = None  # (d,) feature std of the training films
     population_threshold: float = float("inf")
+    # features = [features of the model's input (its crop), features of the whole film at the same size]
+    whole_film: bool = False
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distance of each row of ``features`` (n, d)."""
@@ -58,19 +68,25 @@ class OODDetector:
         return far | other
 
     def save(self, path: Path) -> None:
-        tensors = {"mean": self.mean.astype(np.float32), "components": self.components.astype(np.float32),
-                   "variances": self.variances.astype(np.float32), "threshold": np.array([self.threshold], np.float64)}
+        """Write the detector (every array C-contiguous: safetensors stores the memory as it lies)."""
+        tensors = {FORMAT_KEY: np.array([FORMAT_VERSION], np.int8), "mean": self.mean.astype(np.float32),
+                   "components": self.components.astype(np.float32), "variances": self.variances.astype(np.float32),
+                   "threshold": np.array([self.threshold], np.float64),
+                   "whole_film": np.array([int(self.whole_film)], np.int8)}
         if self.population_weights is not None:
             tensors.update({"population_weights": self.population_weights.astype(np.float64),
                             "population_scale": self.population_scale.astype(np.float64),
                             "population_bias_threshold": np.array([self.population_bias, self.population_threshold])})
-        save_file(tensors, str(path))
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path))
 
     @classmethod
     def load(cls, path: Path) -> OODDetector:
         t = load_file(str(path))
-        det = cls(t["mean"].astype(np.float64), t["components"].astype(np.float64), t["variances"].astype(np.float64),
-                  float(t["threshold"][0]))
+        components = t["components"].astype(np.float64)
+        if FORMAT_KEY not in t:  # an older file: the components were stored in column order (see FORMAT_KEY)
+            components = components.reshape(components.shape[1], components.shape[0]).T
+        det = cls(t["mean"].astype(np.float64), components, t["variances"].astype(np.float64),
+                  float(t["threshold"][0]), whole_film=bool(t["whole_film"][0]) if "whole_film" in t else False)
         if "population_weights" in t:
             det.population_weights = t["population_weights"].astype(np.float64)
             det.population_scale = t["population_scale"].astype(np.float64)
@@ -78,14 +94,14 @@ class OODDetector:
         return det
 
     @classmethod
-    def fit(cls, features: np.ndarray, k: int = 32) -> OODDetector:
+    def fit(cls, features: np.ndarray, k: int = 32, whole_film: bool = False) -> OODDetector:
         """Fit mean and the top-``k`` principal directions (threshold set later)."""
         f = np.asarray(features, np.float64)
         mean = f.mean(0)
         _, s, vt = np.linalg.svd(f - mean, full_matrices=False)
         k = min(k, len(s))
         variances = (s[:k] ** 2) / max(len(f) - 1, 1) + 1e-6
-        return cls(mean, vt[:k].T, variances, float("inf"))
+        return cls(mean, vt[:k].T, variances, float("inf"), whole_film=whole_film)
 
 
 def measurement(card, root: Path) -> dict | None:

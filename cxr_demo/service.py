@@ -33,7 +33,14 @@ from cxr_demo.cam import (
 from cxr_demo.card import ChoiceError, ModelCard, choice_number, choice_text
 from cxr_demo.groundtruth import BoxInputError, nih_boxes_for, parse_boxes
 from cxr_demo.images import ImageInputError, XRay
-from cxr_demo.inference import features_and_logits, findings_table, logits_to_probabilities, preprocess
+from cxr_demo.inference import (
+    features_and_logits,
+    findings_table,
+    logits_to_probabilities,
+    normalise_batch,
+    prepare_pixels,
+    preprocess,
+)
 from cxr_demo.lungs import LungResult, LungSegmenter, apply_prior, default_segmenter
 from cxr_demo.models import WeightsError
 from cxr_demo.overlay import fit_overlay, render_overlay
@@ -246,8 +253,14 @@ class DemoService:
                 log.warning("out-of-distribution check of %s unavailable: %s", card.name, type(e).__name__)
                 detector = None
                 warnings.append(OOD_UNAVAILABLE)
+            whole = detector is not None and detector.whole_film and card.crop is not None
+            if whole:  # the check also sees the film this model only sees a crop of: one batch of two
+                x = torch.cat([x, normalise_batch(prepare_pixels(xray.pixels, card.input_size)[None], card.mean,
+                                                  card.std)])
             with torch.inference_mode():
                 features, logits = features_and_logits(model, x)  # one pass: findings and the OOD check
+            if whole:
+                features, logits = features.reshape(1, -1), logits[:1]
         probs = logits_to_probabilities(logits, card.task_kind)[0].float().numpy()
         ood = {"checked": detector is not None, "far_from_training_films": None, "other_population": None}
         if detector is not None:

@@ -140,3 +140,67 @@ def test_every_model_has_its_out_of_distribution_numbers(name):
     assert own["n"] > 0 and 0 <= own["rate"] <= 1
     assert all(v["n"] > 0 for v in doc["catch_rate_on_other_populations_test_films"].values())
     assert set(doc["catch_rate_on_non_xray"]) and set(doc["catch_rate_on_transformed_own_test_films"])
+
+
+def test_whole_film_check_of_a_cropped_model_sees_crop_and_film(tmp_path, monkeypatch):
+    """For a model that sees a crop, a whole-film detector gets the crop's features followed by the uncropped
+    film's, from one batch of two; the findings stay those of the crop alone. The flag survives save and load."""
+    from cxr_demo.inference import prepare_pixels, preprocess
+
+    folder, img = _with_detector(tmp_path, 1e12)
+    card = read_card(folder)
+    card.crop = (0.15, 0.90, 0.20, 0.80)
+    model = load_weights(card, folder / "model.safetensors")
+    xray = read_xray(img)
+    crop_x = preprocess(xray.pixels, card)
+    whole_x = (torch.from_numpy(prepare_pixels(xray.pixels, card.input_size)).float()[None, None] / 255 - 0.5) / 0.25
+    with torch.inference_mode():
+        f_crop, logits = features_and_logits(model, crop_x)
+        f_whole, _ = features_and_logits(model, whole_x)
+    expected = torch.cat([f_crop, f_whole], dim=1).numpy()
+    det = OODDetector.fit(np.concatenate([expected, expected * 1.1, expected * 0.9]), k=2, whole_film=True)
+    det.threshold = 1e12
+    det.save(folder / OOD_FILE)
+    assert OODDetector.load(folder / OOD_FILE).whole_film
+    card.ood = OODInfo(file=OOD_FILE, sha256=sha256_file(folder / OOD_FILE), threshold=1e12, source_file="x")
+    write_card(card, folder)
+    seen = []
+    real = OODDetector.outlier_kinds
+    monkeypatch.setattr(OODDetector, "outlier_kinds", lambda self, f: (seen.append(f), real(self, f))[1])
+    doc = DemoService(Zoo(ZooSource(folder.parent))).predict(xray, "tiny", "f1").document
+    assert seen[0].shape == expected.shape and np.allclose(seen[0], expected, atol=1e-4)
+    probs = torch.sigmoid(logits)[0].numpy()
+    assert np.allclose([f["raw_probability"] if "raw_probability" in f else f["probability"] for f in doc["findings"]],
+                       probs, atol=1e-4)
+    assert doc["out_of_distribution"]["checked"] is True
+
+
+def test_saved_detector_scores_like_the_fitted_one(tmp_path):
+    """The PCA components are a transposed (column-major) view; saved as they lay in memory they came back
+    scrambled, and the served distance check scored ~20x too low while training.ood measured the one in memory.
+    Now they round-trip, and a file of the old layout is read back in its column order."""
+    from safetensors.numpy import load_file, save_file
+
+    from cxr_demo.ood import FORMAT_KEY
+
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(400, 50)) * np.linspace(1, 5, 50) + 3
+    det = OODDetector.fit(train, k=8)
+    det.threshold = 1.0
+    det.save(tmp_path / OOD_FILE)
+    back = OODDetector.load(tmp_path / OOD_FILE)
+    assert np.allclose(back.score(train), det.score(train), rtol=1e-4)
+    old = {k: v for k, v in load_file(str(tmp_path / OOD_FILE)).items() if k != FORMAT_KEY}
+    old["components"] = np.ascontiguousarray(det.components.astype(np.float32).T).reshape(det.components.shape)
+    save_file(old, str(tmp_path / "old.safetensors"))
+    assert np.allclose(OODDetector.load(tmp_path / "old.safetensors").score(train), det.score(train), rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(p.parent.name for p in DEFAULT_CHECKPOINTS.glob("*/config.json")))
+def test_committed_detectors_hold_orthonormal_components(name):
+    """What the app loads is a PCA: orthonormal directions (a scrambled file is not)."""
+    card = read_card(DEFAULT_CHECKPOINTS / name)
+    if card.ood is None:
+        pytest.skip("no detector")
+    c = OODDetector.load(DEFAULT_CHECKPOINTS / name / card.ood.file).components
+    assert np.allclose(c.T @ c, np.eye(c.shape[1]), atol=1e-4)

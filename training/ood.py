@@ -22,11 +22,11 @@ import numpy as np
 from cxr_demo import paths
 from cxr_demo.card import OODInfo, read_card, write_card
 from cxr_demo.images import resize_gray
-from cxr_demo.inference import feature_array
+from cxr_demo.inference import feature_array, prepare_pixels
 from cxr_demo.models import sha256_file
 from cxr_demo.ood import OOD_FILE, OODDetector
 from cxr_demo.zoo import load_checkpoint
-from training.data import Record, add_data_root_argument, cached_pixels, patient_split
+from training.data import Record, add_data_root_argument, cached_pixels, patient_split, split_seed
 from training.tasks import load_task
 
 log = logging.getLogger(__name__)
@@ -154,26 +154,41 @@ def fit_population_check(det: OODDetector, own_train: np.ndarray, own_val: np.nd
 
 def fit_and_measure(folder: Path, data_root: Path | None = None, percentile: float = 99.0,
                     val_fraction: float = 0.15, seed: int = 0, k: int = 32, limit: int = 400,
-                    fit_per_population: int = 600) -> dict:
+                    fit_per_population: int = 600, whole_film: bool = False) -> dict:
     """Fit the check on the model's training films, set its thresholds on its validation films, measure it.
 
     Two parts on the model's pooled penultimate features: a Mahalanobis distance (far from the training films)
     and a population check (like another population's films), each with a threshold that passes ``percentile`` %
     of the model's own validation films. False alarms: the model's own test films. Catches: other populations'
     test films (``limit`` at most per population, the NIH test list whole), photographs and synthetic patterns,
-    and the model's own test films inverted or rotated (``limit`` of them)."""
+    and the model's own test films inverted or rotated (``limit`` of them).
+
+    ``whole_film`` (a model that sees a crop only): the features are those of the crop followed by those of the
+    uncropped film (:attr:`OODDetector.whole_film`), so the check sees what the crop leaves out (a child's whole
+    chest, an adult's shoulders). Whether it helps is model by model: compare the population check's held-out
+    catch rate (non-test films) of both runs and keep the better."""
     data_root = Path(data_root) if data_root is not None else paths.data_root()
     card = read_card(folder)
     model = load_checkpoint(folder)
     task = load_task(card.task, data_root)
     split = card.training.get("val_fraction", val_fraction)
-    train, val = patient_split(task.train_val, split, card.training.get("seed", seed))
-    if "n_train" in card.training and len(train) != card.training["n_train"]:
+    train, val = patient_split(task.train_val, split, split_seed({"seed": seed, **card.training}))
+    if "n_train" in card.training and len(train) != card.training["n_train"] - card.training.get("n_train_64px", 0):
         raise ValueError("could not reproduce the model's training split; pass the --val-fraction and seed it used")
     size, crop = card.input_size, card.crop
-    feats = lambda recs: _features(model, card, cached_pixels(recs, size, crop))  # noqa: E731
+    whole_film = whole_film and crop is not None
+
+    def f(px: np.ndarray, films: np.ndarray | None = None) -> np.ndarray:
+        """Features of model inputs ``px``; with the whole-film check, followed by those of ``films`` (the
+        same films uncropped; ``px`` itself when they are not films, e.g. photographs)."""
+        out = _features(model, card, px)
+        if whole_film:
+            out = np.concatenate([out, _features(model, card, px if films is None else films)], axis=1)
+        return out
+
+    feats = lambda recs: f(cached_pixels(recs, size, crop), cached_pixels(recs, size) if whole_film else None)  # noqa: E731
     own_train, own_val = feats(train), feats(val)
-    det = OODDetector.fit(own_train, k=k)
+    det = OODDetector.fit(own_train, k=k, whole_film=whole_film)
     det.threshold = float(np.percentile(det.score(own_val), percentile))
 
     others = OTHER_POPULATIONS[card.task]
@@ -187,6 +202,7 @@ def fit_and_measure(folder: Path, data_root: Path | None = None, percentile: flo
     population = fit_population_check(det, own_train, own_val, np.concatenate(fit_parts), np.concatenate(select_parts),
                                       percentile)
     det.save(folder / OOD_FILE)
+    det = OODDetector.load(folder / OOD_FILE)  # measure exactly what the app will load
 
     def rate(features: np.ndarray) -> dict:
         if len(features) == 0:
@@ -196,22 +212,28 @@ def fit_and_measure(folder: Path, data_root: Path | None = None, percentile: flo
                 "by_distance": int(far.sum()), "by_population_check": int(other.sum())}
 
     test_pixels = cached_pixels(task.test, size, crop)
-    test_sample = test_pixels[_spread_indices(len(test_pixels), limit)]
+    test_films = cached_pixels(task.test, size) if whole_film else test_pixels
+    sample = _spread_indices(len(test_pixels), limit)
     non_xray = non_xray_images(size)
-    f = lambda px: _features(model, card, px)  # noqa: E731
+    # a careless upload, then what this model sees of it (its crop)
+    careless = {name: (np.stack([prepare_pixels(im / 255.0, size, crop) for im in films]), films)
+                for name, films in transformed(test_films[sample]).items()}
     result = {
         "model": card.name, "weights_sha256": card.sha256, "task": card.task,
-        "method": f"two checks on pooled penultimate features, each passing {percentile}% of the {len(val)} validation "
-                  f"films: squared Mahalanobis distance in the top-{det.components.shape[1]} PCA space of the {len(train)} "
-                  "training films, and a logistic regression telling the training films from other populations' "
-                  f"non-test films ({', '.join(POPULATION_TEXT[n] for n in others)}; L2 strength chosen on held-out "
-                  "non-test films of those populations)",
+        "whole_film": whole_film,
+        "method": ("two checks on pooled penultimate features" + (
+            " of the model's lung crop and of the whole film (one batch of two)" if whole_film else "")
+            + f", each passing {percentile}% of the {len(val)} validation "
+            f"films: squared Mahalanobis distance in the top-{det.components.shape[1]} PCA space of the {len(train)} "
+            "training films, and a logistic regression telling the training films from other populations' "
+            f"non-test films ({', '.join(POPULATION_TEXT[n] for n in others)}; L2 strength chosen on held-out "
+            "non-test films of those populations)"),
         "threshold": det.threshold,
         "population_threshold": det.population_threshold,
         "population_check": population,
         "false_alarm_on_own_films": {
             f"{card.task} validation (threshold source)": rate(own_val),
-            f"{card.task} test": rate(f(test_pixels)),
+            f"{card.task} test": rate(f(test_pixels, test_films)),
         },
         "catch_rate_on_other_populations_test_films": {
             POPULATION_TEXT[name]: rate(feats(recs if name == "nih" else _spread(recs, limit)))
@@ -221,9 +243,9 @@ def fit_and_measure(folder: Path, data_root: Path | None = None, percentile: flo
             "scikit-image photographs and figures": rate(f(non_xray["photos"])),
             "synthetic patterns (noise, gradients, stripes, blocks, blurred noise)": rate(f(non_xray["synthetic"])),
         },
-        "catch_rate_on_transformed_own_test_films": {name: rate(f(px)) for name, px in transformed(test_sample).items()},
+        "catch_rate_on_transformed_own_test_films": {name: rate(f(px, films)) for name, (px, films) in careless.items()},
         "not_measured": "lateral chest views: none are available offline",
-        "command": f"python -m training.ood {folder}",
+        "command": f"python -m training.ood {folder}" + (" --whole-film" if whole_film else ""),
     }
     if card.task == "covid3":
         result["note"] = (f"{card.name}'s 'Normal' class is mostly NIH films (RSNA challenge copies, "
@@ -240,11 +262,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("folders", type=Path, nargs="+")
     add_data_root_argument(p)
     p.add_argument("--out", type=Path, default=paths.PROJECT_ROOT / "docs" / "ood")
+    p.add_argument("--whole-film", action="store_true",
+                   help="for a model that sees a crop: also check the whole film's features (keep it where the "
+                        "population check's held-out catch rate says it helps)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     for folder in args.folders:
-        result = fit_and_measure(folder, args.data_root)
+        result = fit_and_measure(folder, args.data_root, whole_film=args.whole_film)
         (args.out / f"{result['model']}.json").write_text(json.dumps(result, indent=1) + "\n")
         log.info("%s", json.dumps(result, indent=1))
 
