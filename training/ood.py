@@ -215,9 +215,9 @@ def fit_and_measure(folder: Path, data_root: Path | None = None, percentile: flo
     test_films = cached_pixels(task.test, size) if whole_film else test_pixels
     sample = _spread_indices(len(test_pixels), limit)
     non_xray = non_xray_images(size)
-    # a careless upload, then what this model sees of it (its crop)
-    careless = {name: (np.stack([prepare_pixels(im / 255.0, size, crop) for im in films]), films)
-                for name, films in transformed(test_films[sample]).items()}
+    # a careless upload, then what this model sees of it (its crop; without one, the film as it is)
+    seen = lambda films: films if crop is None else np.stack([prepare_pixels(im / 255.0, size, crop) for im in films])  # noqa: E731
+    careless = {name: (seen(films), films) for name, films in transformed(test_films[sample]).items()}
     result = {
         "model": card.name, "weights_sha256": card.sha256, "task": card.task,
         "whole_film": whole_film,

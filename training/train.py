@@ -244,8 +244,8 @@ def main(argv: list[str] | None = None) -> Path:
     records = task.train_val
     if args.max_images:
         records = [records[i] for i in sorted(rng.choice(len(records), args.max_images, replace=False))]
-    split_seed = args.seed if args.split_seed is None else args.split_seed
-    train, val = patient_split(records, args.val_fraction, split_seed)
+    seed_of_split = args.seed if args.split_seed is None else args.split_seed
+    train, val = patient_split(records, args.val_fraction, seed_of_split)
     extra = extra_64px_records(task, val, args) if args.extra_64px else []
     train = train + extra
     log.info("train %d images / %d patients, validation %d images / %d patients", len(train),
@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> Path:
                             + (f", Gaussian noise sd {args.noise:g}/255" if args.noise else ""),
             "freeze_stem_bn": args.freeze_stem_bn, "ema_decay": args.ema,
             "val_macro_auroc_findings_only": val_findings_only,
-            "seed": args.seed, "split_seed": split_seed, "dtype": "float16" if args.fp16 else "float32",
+            "seed": args.seed, "split_seed": seed_of_split, "dtype": "float16" if args.fp16 else "float32",
             "wall_seconds": round(time.time() - started), "device": str(device.type), "processes": world,
         },
         license=task.license,
