@@ -341,3 +341,26 @@ def test_ablation_records_a_run_trained_before(train_env, monkeypatch):
     assert 0 <= done["val_macro_auroc"] <= 1 and done["val_images"] > 0
     assert not (train_env / "runs" / "ablation" / "v-not-yet").exists()
     assert "| v-done |" in (train_env / "docs" / "ABLATION.md").read_text()
+
+
+def test_near_duplicates_finds_a_copied_film_across_the_split(tmp_path):
+    """A film saved twice (once in train_val, once in test) is a pair at similarity ~1 counted across the split;
+    different films are not paired at 0.99."""
+    from PIL import Image
+
+    from training.data import Record
+    from training.near_duplicates import study
+
+    films = []
+    for i in range(4):  # smooth random films, each its own
+        small = np.random.default_rng(i).integers(0, 255, (12, 12), dtype=np.uint8)
+        films.append(tmp_path / f"f{i}.png")
+        Image.fromarray(small).resize((96, 96), Image.BILINEAR).save(films[-1])
+    copy = tmp_path / "copy.jpg"
+    Image.open(films[0]).save(copy, quality=90)  # the same film, other bytes
+    empty = np.zeros(3, np.float32)
+    recs = [Record(p, empty, p.stem, "train_val") for p in films] + [Record(copy, empty, "copy", "test")]
+    out = study(recs, thresholds=(0.99,))
+    assert out["by_threshold"]["0.99"] == {"pairs": 1, "films_in_a_pair": 2, "pairs_across_train_test": 1,
+                                           "test_films_with_a_train_val_pair": 1}
+    assert {out["pairs"][0]["a"], out["pairs"][0]["b"]} == {"f0.png", "copy.jpg"} and out["pairs"][0]["similarity"] > 0.99
