@@ -343,6 +343,63 @@ def test_ablation_records_a_run_trained_before(train_env, monkeypatch):
     assert "| v-done |" in (train_env / "docs" / "ABLATION.md").read_text()
 
 
+def _fake_lungseg(root: Path, n: int = 4) -> None:
+    """``lungseg/images`` and a manifest (masks are not read by the semi-supervised path)."""
+    import csv
+
+    from tests.helpers import write_film
+
+    folder = root / "lungseg"
+    (folder / "images").mkdir(parents=True)
+    with open(folder / "manifest.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["name", "source", "original_id", "patient_id", "width", "height", "has_heart_mask", "source_repo",
+                    "source_path"])
+        for i in range(n):
+            write_film(folder / "images" / f"mc_{i}.png", size=80, seed=100 + i)
+            w.writerow([f"mc_{i}", "montgomery", f"MC{i}", f"p{i // 2}", 80, 80, 0, "x", "y"])
+
+
+def test_pseudo_labels_are_the_teachers_calibrated_probabilities_on_non_nih_films(train_env):
+    """--pseudo-labels adds the lungseg films and covid19/COVID (never covid19/Normal) to the training part with the
+    teacher's calibrated probabilities as labels; the card says which films and which teacher; a teacher trained on
+    another split is refused (it may have seen the student's validation films)."""
+    from cxr_demo.calibration import calibrate
+    from cxr_demo.inference import predict_array
+    from cxr_demo.zoo import load_checkpoint
+    from training.data import cached_pixels
+    from training.pseudo import teacher_labels, unlabelled_records
+
+    data = make_fake_nih(train_env / "data")
+    make_fake_kermany_covid(data)
+    _fake_lungseg(data)
+    films = unlabelled_records(data, ["lungseg", "covid19"], 14)
+    assert len(films) == 4 + 8 and all("Normal" not in str(r.path) for r in films)
+    assert all(np.isnan(r.labels).all() and r.patient.split(":")[0] in ("lungseg", "covid19") for r in films)
+    assert {r.patient for r in films[:4]} == {"lungseg:montgomery:p0", "lungseg:montgomery:p1"}
+
+    common = ["--data-root", data, "--arch", "test_efficientnet", "--init", "random", "--out", train_env / "ck",
+              "--no-eval", "--epochs", "1", "--val-fraction", "0.25"]
+    teacher = _train(*common, "--name", "teacher")
+    soft = teacher_labels(teacher, films)
+    card = read_card(teacher)
+    raw = predict_array(load_checkpoint(teacher), cached_pixels(films, card.input_size), card.mean, card.std, "multilabel")
+    np.testing.assert_allclose(soft, calibrate(card, raw), atol=1e-6)
+    assert soft.shape == (12, 14) and ((soft >= 0) & (soft <= 1)).all()
+
+    plain = read_card(_train(*common, "--name", "plain"))
+    student = read_card(_train(*common, "--name", "student", "--pseudo-labels", teacher, "--unlabelled", "covid19"))
+    assert student.training["n_train_pseudo"] == 8 and plain.training["n_train_pseudo"] == 0
+    assert student.training["n_train"] == plain.training["n_train"] + 8
+    assert student.training["n_val"] == plain.training["n_val"]
+    assert student.training["pseudo_labels"] == {"teacher": "teacher", "teacher_sha256": card.sha256, "sources": ["covid19"]}
+    assert "8 unlabelled adult films (covid19; no NIH film)" in student.data_source and "teacher" in student.data_source
+    with pytest.raises(SystemExit, match="another train/validation split"):
+        _train(*common[:-1], "0.3", "--name", "other-split", "--pseudo-labels", teacher)
+    with pytest.raises(SystemExit, match="another train/validation split"):
+        _train(*common, "--name", "other-seed", "--seed", "3", "--pseudo-labels", teacher)
+
+
 def test_near_duplicates_finds_a_copied_film_across_the_split(tmp_path):
     """A film saved twice (once in train_val, once in test) is a pair at similarity ~1 counted across the split;
     different films are not paired at 0.99."""

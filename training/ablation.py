@@ -57,6 +57,9 @@ STUDIES: dict[str, dict[str, list[str]]] = {
         # a1 again with other training seeds on the same validation films: how far one recipe moves by chance.
         "nih14-lite0-a1-stembn-seed1": [*LITE0, "--freeze-stem-bn", "--seed", "1", "--split-seed", "0"],
         "nih14-lite0-a1-stembn-seed2": [*LITE0, "--freeze-stem-bn", "--seed", "2", "--split-seed", "0"],
+        # a1 with the 1,164 unlabelled adult films (lungseg, covid19/COVID; no NIH film) in the training part, soft
+        # labels from the default model's calibrated probabilities (training.pseudo; semi-supervised, one round).
+        "nih14-lite0-a8-stembn-pseudo": [*LITE0, "--freeze-stem-bn", "--pseudo-labels", "checkpoints/nih14-ensemble"],
     },
 }
 

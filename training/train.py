@@ -61,6 +61,7 @@ from training.losses import (
 from training.metrics import macro_auroc, macro_auroc_with_finding, threshold_record, tune_card_thresholds
 from training.models import create_training_model, model_args_for
 from training.pretrained import IMAGENET_PACKAGES, load_imagenet_into
+from training.pseudo import UNLABELLED_SOURCES, check_teacher, teacher_labels, unlabelled_records, with_soft_labels
 from training.tasks import LUNG_CROP, TASKS, TaskData, load_task
 
 log = logging.getLogger(__name__)
@@ -178,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="task nih14: also train on the official train_val films that exist only at 64 x 64 "
                         "(../shared/data/nih14/images-64px, upsampled to --input-size); they join the training part only, "
                         "never validation, and films of validation patients are left out")
+    p.add_argument("--pseudo-labels", type=Path, default=None, metavar="TEACHER",
+                   help="semi-supervised: add unlabelled adult films to the training part with the calibrated "
+                        "probabilities of this checkpoint folder as soft labels (nih14; see training.pseudo)")
+    p.add_argument("--unlabelled", nargs="+", choices=UNLABELLED_SOURCES, default=list(UNLABELLED_SOURCES),
+                   help="with --pseudo-labels: which unlabelled films (default: all)")
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--patience", type=int, default=5, help="epochs without validation improvement")
     p.add_argument("--seed", type=int, default=0)
@@ -214,6 +220,20 @@ def extra_64px_records(task: TaskData, val: list[Record], args: argparse.Namespa
     return extra
 
 
+def pseudo_records(task: TaskData, seed_of_split: int, args: argparse.Namespace) -> list[Record]:
+    """The unlabelled films of ``--unlabelled`` with ``--pseudo-labels``' calibrated probabilities as labels."""
+    if args.task != "nih14":
+        raise SystemExit("--pseudo-labels is for --task nih14 only")
+    check_teacher(args.pseudo_labels, args.task, task.label_names, args.val_fraction, seed_of_split)
+    root = Path(args.data_root) if args.data_root is not None else paths.data_root()
+    films = unlabelled_records(root, args.unlabelled, len(task.label_names))
+    if args.max_images:
+        films = films[: args.max_images // 2]
+    out = with_soft_labels(films, teacher_labels(args.pseudo_labels, films))
+    log.info("pseudo-labelled training films: %d (%s)", len(out), ", ".join(args.unlabelled))
+    return out
+
+
 def positives_text(counts: dict[str, int]) -> str:
     """``{"Pleural_Thickening": 11, ...}`` as people read it: ``Pleural thickening 11, ...``."""
     return ", ".join(f"{display_name(k)} {v}" for k, v in counts.items())
@@ -248,6 +268,9 @@ def main(argv: list[str] | None = None) -> Path:
     train, val = patient_split(records, args.val_fraction, seed_of_split)
     extra = extra_64px_records(task, val, args) if args.extra_64px else []
     train = train + extra
+    labelled = len(train)  # the training films with labels of people (pos_weight is computed on these only)
+    pseudo = pseudo_records(task, seed_of_split, args) if args.pseudo_labels is not None else []
+    train = train + pseudo
     log.info("train %d images / %d patients, validation %d images / %d patients", len(train),
              len({r.patient for r in train}), len(val), len({r.patient for r in val}))
     x_train = cached_pixels(train, args.input_size, crop)
@@ -267,7 +290,7 @@ def main(argv: list[str] | None = None) -> Path:
             opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
     else:
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.3, patience=1)
-    pos_weight = log_inverse_frequency(y_train).to(device) if loss_kind == "wbce" else None
+    pos_weight = log_inverse_frequency(y_train[:labelled]).to(device) if loss_kind == "wbce" else None
     class_weight = None
     if loss_kind == "wce":
         freq = y_train.sum(0).clip(min=1)
@@ -431,11 +454,15 @@ def main(argv: list[str] | None = None) -> Path:
         ],
         data_source=task.data_source + (
             f"; plus {len(extra)} train_val films ({len({r.patient for r in extra})} patients) that exist only at 64 x 64 "
-            "(../shared/data/nih14/images-64px), upsampled, in the training part only" if extra else ""),
+            "(../shared/data/nih14/images-64px), upsampled, in the training part only" if extra else "") + (
+            f"; plus {len(pseudo)} unlabelled adult films ({', '.join(args.unlabelled)}; no NIH film) in the training "
+            f"part with soft labels: the calibrated probabilities of {read_card(args.pseudo_labels).name}" if pseudo else ""),
         init=init_text,
         training={
             "command": command,
-            "n_train": len(train), "n_train_64px": len(extra), "n_val": len(val), "val_fraction": args.val_fraction, "val_patients": len({r.patient for r in val}),
+            "n_train": len(train), "n_train_64px": len(extra), "n_train_pseudo": len(pseudo),
+            "pseudo_labels": ({"teacher": read_card(args.pseudo_labels).name, "teacher_sha256": read_card(args.pseudo_labels).sha256,
+                               "sources": list(args.unlabelled)} if pseudo else None), "n_val": len(val), "val_fraction": args.val_fraction, "val_patients": len({r.patient for r in val}),
             "val_positives": n_val_pos, "thresholds": threshold_record(len(val), command),
             "best_epoch": best_epoch, "val_macro_auroc": val_all,
             "epoch_chosen_on": "validation films with a finding" if args.select_on == "findings" else "all validation films",
