@@ -213,6 +213,19 @@ class OODInfo(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     threshold: float
     source_file: str = Field(description="measurement the threshold's rates come from, relative to the project root")
+    features_from: str | None = Field(
+        default=None, pattern=NAME_PATTERN.pattern,
+        description="the zoo model whose penultimate features the check reads instead of this model's own (one of "
+                    "the same training films that tells them from other populations better; training.ood "
+                    "--features-from); costs one more forward pass of that model per /predict")
+    features_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
+                                        description="the weights sha256 of features_from the check was fitted on")
+
+    @model_validator(mode="after")
+    def _features_pinned(self) -> "OODInfo":
+        if (self.features_from is None) != (self.features_sha256 is None):
+            raise ValueError("ood.features_from and ood.features_sha256 go together")
+        return self
 
 
 class Calibration(BaseModel):

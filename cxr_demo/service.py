@@ -38,6 +38,7 @@ from cxr_demo.inference import (
     findings_table,
     logits_to_probabilities,
     normalise_batch,
+    ood_features,
     prepare_pixels,
     preprocess,
 )
@@ -249,18 +250,24 @@ class DemoService:
             model = self.zoo.model(card.name)
             try:
                 detector = self.zoo.ood(card.name)
+                feature_card, feature_model = self._ood_features_model(card)
             except Exception as e:  # noqa: BLE001 - a damaged OOD file costs the check, not the answer
                 log.warning("out-of-distribution check of %s unavailable: %s", card.name, type(e).__name__)
-                detector = None
+                detector = feature_card = feature_model = None
                 warnings.append(OOD_UNAVAILABLE)
-            whole = detector is not None and detector.whole_film and card.crop is not None
-            if whole:  # the check also sees the film this model only sees a crop of: one batch of two
-                x = torch.cat([x, normalise_batch(prepare_pixels(xray.pixels, card.input_size)[None], card.mean,
-                                                  card.std)])
-            with torch.inference_mode():
-                features, logits = features_and_logits(model, x)  # one pass: findings and the OOD check
-            if whole:
-                features, logits = features.reshape(1, -1), logits[:1]
+            if feature_model is None or feature_model is model:
+                whole = detector is not None and detector.whole_film and card.crop is not None
+                if whole:  # the check also sees the film this model only sees a crop of: one batch of two
+                    x = torch.cat([x, normalise_batch(prepare_pixels(xray.pixels, card.input_size)[None], card.mean,
+                                                      card.std)])
+                with torch.inference_mode():
+                    features, logits = features_and_logits(model, x)  # one pass: findings and the OOD check
+                if whole:
+                    features, logits = features.reshape(1, -1), logits[:1]
+            else:  # the check reads another model's features (card.ood.features_from): one more forward pass
+                with torch.inference_mode():
+                    logits = model(x)
+                    features = ood_features(feature_model, feature_card, xray.pixels, detector.whole_film)
         probs = logits_to_probabilities(logits, card.task_kind)[0].float().numpy()
         ood = {"checked": detector is not None, "far_from_training_films": None, "other_population": None}
         if detector is not None:
@@ -292,6 +299,21 @@ class DemoService:
             "out_of_distribution": ood,
         }
         return Prediction(doc, xray, card)
+
+    def _ood_features_model(self, card: ModelCard) -> tuple[ModelCard, torch.nn.Module] | tuple[None, None]:
+        """The card and model whose features the out-of-distribution check reads: another zoo model when the card
+        says ``ood.features_from`` (its weights must be the ones the check was fitted on), else (None, None).
+
+        Raises:
+            WeightsError: ``features_from`` is not in the zoo or its weights changed since the check was fitted.
+        """
+        if card.ood is None or card.ood.features_from is None:
+            return None, None
+        name = card.ood.features_from
+        if name not in self.zoo.cards or self.zoo.card(name).sha256 != card.ood.features_sha256:
+            raise WeightsError(f"the out-of-distribution check of {card.name!r} reads the features of {name!r}, "
+                               "which is not in the zoo with the weights it was fitted on")
+        return self.zoo.card(name), self.zoo.model(name)
 
     def chest_problem(self, xray: XRay) -> str | None:
         """Why the lung model says this is not an upright frontal chest film (None: it is, or no lung model)."""

@@ -238,6 +238,9 @@ def ood_lines(card: ModelCard) -> list[str]:
     out = ["", "### The right model for the film",
            f"Out-of-distribution check (`{card.ood.source_file}`): warns on "
            + "; ".join(caught) + (f"; false alarms on {rate_text(own)} own test films." if own else ".")]
+    if card.ood.features_from:
+        out.append(f"The check reads the features of `{card.ood.features_from}`, a model of the same training films "
+                   "that tells them from other populations better than this one's own (one more forward pass per film).")
     if d.get("note"):
         out.append(f"*{d['note']}*")
     return out

@@ -204,3 +204,81 @@ def test_committed_detectors_hold_orthonormal_components(name):
         pytest.skip("no detector")
     c = OODDetector.load(DEFAULT_CHECKPOINTS / name / card.ood.file).components
     assert np.allclose(c.T @ c, np.eye(c.shape[1]), atol=1e-4)
+
+
+def test_check_can_read_another_models_features(tmp_path, monkeypatch):
+    """ood.features_from: the check reads the named zoo model's features (its own preprocessing, whole film too),
+    the findings stay this model's; a feature model whose weights changed since the check was fitted costs the
+    check (a warning), not the answer; the two fields go together in a card."""
+    from cxr_demo.inference import ood_features, preprocess
+    from cxr_demo.service import OOD_UNAVAILABLE
+
+    folder, img = _with_detector(tmp_path, 1e12)
+    other = make_checkpoint(tmp_path, name="feature-model", seed=3, input_size=48)
+    ocard = read_card(other)
+    ocard.crop = (0.15, 0.90, 0.20, 0.80)
+    write_card(ocard, other)
+    omodel = load_weights(ocard, other / "model.safetensors")
+    xray = read_xray(img)
+    expected = ood_features(omodel, ocard, xray.pixels, whole_film=True).numpy()
+    assert expected.shape == (1, 2 * omodel.num_features)
+    det = OODDetector.fit(np.concatenate([expected, expected * 1.1, expected * 0.9]), k=2, whole_film=True)
+    det.threshold = 1e12
+    det.save(folder / OOD_FILE)
+    card = read_card(folder)
+    card.ood = OODInfo(file=OOD_FILE, sha256=sha256_file(folder / OOD_FILE), threshold=1e12, source_file="x",
+                       features_from="feature-model", features_sha256=ocard.sha256)
+    write_card(card, folder)
+    seen = []
+    real = OODDetector.outlier_kinds
+    monkeypatch.setattr(OODDetector, "outlier_kinds", lambda self, f: (seen.append(f), real(self, f))[1])
+    service = DemoService(Zoo(ZooSource(folder.parent)))
+    doc = service.predict(xray, "tiny", "f1").document
+    assert np.allclose(seen[0], expected, atol=1e-4) and doc["out_of_distribution"]["checked"] is True
+    model = load_weights(card, folder / "model.safetensors")
+    with torch.inference_mode():
+        probs = torch.sigmoid(model(preprocess(xray.pixels, card)))[0].numpy()
+    raw = [f.get("raw_probability", f["probability"]) for f in doc["findings"]]
+    assert np.allclose(raw, probs, atol=1e-4)
+
+    card.ood = OODInfo(file=OOD_FILE, sha256=sha256_file(folder / OOD_FILE), threshold=1e12, source_file="x",
+                       features_from="feature-model", features_sha256="0" * 64)
+    write_card(card, folder)
+    doc = DemoService(Zoo(ZooSource(folder.parent))).predict(xray, "tiny", "f1").document
+    assert OOD_UNAVAILABLE in doc["warnings"] and doc["out_of_distribution"]["checked"] is False
+    assert len(doc["findings"]) == 14
+    with pytest.raises(ValueError, match="go together"):
+        OODInfo(file=OOD_FILE, sha256="0" * 64, threshold=1.0, source_file="x", features_from="feature-model")
+    with pytest.raises(ValueError):
+        OODInfo(file=OOD_FILE, sha256="0" * 64, threshold=1.0, source_file="x", features_from="../x",
+                features_sha256="0" * 64)
+
+
+def test_training_ood_fits_on_another_models_features(tmp_path, monkeypatch):
+    """python -m training.ood FOLDER --features-from OTHER on a fake layout: the check is fitted on FOLDER's own
+    training films through OTHER's network, the card pins OTHER's name and sha256, and a feature model of other
+    training films is refused."""
+    from tests.helpers import make_fake_kermany_covid, make_fake_nih
+    from training.ood import fit_and_measure
+    from training.train import main as train_main
+
+    monkeypatch.setenv("CXR_TRAIN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    data = make_fake_kermany_covid(make_fake_nih(tmp_path / "data"))
+    common = ["--threads", "1", "--batch-size", "8", "--input-size", "48", "--data-root", str(data), "--arch",
+              "test_efficientnet", "--init", "random", "--out", str(tmp_path / "ck"), "--no-eval", "--epochs", "1"]
+    k3 = train_main([*common, "--task", "kermany3", "--name", "k3"])
+    k2 = train_main([*common, "--task", "kermany2", "--name", "k2", "--crop", "lung"])
+    nih = train_main([*common, "--task", "nih14", "--name", "n"])
+    result = fit_and_measure(k3, data, limit=8, fit_per_population=12, k=4, whole_film=True, features_from=k2)
+    card, k2card = read_card(k3), read_card(k2)
+    assert card.ood.features_from == "k2" and card.ood.features_sha256 == k2card.sha256
+    assert result["features_from"] == {"model": "k2", "weights_sha256": k2card.sha256} and result["whole_film"]
+    assert "--features-from" in result["command"] and "of k2 (another model of the same training films)" in result["method"]
+    det = OODDetector.load(k3 / OOD_FILE)
+    assert det.whole_film and det.mean.shape[0] == 2 * load_weights(k2card, k2 / "model.safetensors").num_features
+    doc = DemoService(Zoo(ZooSource(k3.parent))).predict(read_xray(next((data / "kermany" / "test").rglob("*.jpeg"))),
+                                                       "k3", None).document
+    assert doc["out_of_distribution"]["checked"] is True
+    with pytest.raises(SystemExit, match="not this model's training films"):
+        fit_and_measure(k3, data, limit=8, fit_per_population=12, k=4, features_from=nih)

@@ -152,9 +152,19 @@ def fit_population_check(det: OODDetector, own_train: np.ndarray, own_val: np.nd
     return {"chosen_C": best["C"], "grid": [{k: v for k, v in r.items() if k != "clf"} for r in rows]}
 
 
+def check_same_films(fcard, train: list[Record], val: list[Record], data_root: Path) -> None:
+    """Refuse a feature model whose training films are not this model's training films (by file), or that
+    trained on any of this model's validation films."""
+    ftask = load_task(fcard.task, data_root)
+    ftrain, fval = patient_split(ftask.train_val, fcard.training.get("val_fraction", 0.15), split_seed(fcard.training))
+    seen = {r.path for r in ftrain}
+    if seen != {r.path for r in train} or seen & {r.path for r in val}:
+        raise SystemExit(f"--features-from {fcard.name}: its training films are not this model's training films")
+
+
 def fit_and_measure(folder: Path, data_root: Path | None = None, percentile: float = 99.0,
                     val_fraction: float = 0.15, seed: int = 0, k: int = 32, limit: int = 400,
-                    fit_per_population: int = 600, whole_film: bool = False) -> dict:
+                    fit_per_population: int = 600, whole_film: bool = False, features_from: Path | None = None) -> dict:
     """Fit the check on the model's training films, set its thresholds on its validation films, measure it.
 
     Two parts on the model's pooled penultimate features: a Mahalanobis distance (far from the training films)
@@ -166,24 +176,33 @@ def fit_and_measure(folder: Path, data_root: Path | None = None, percentile: flo
     ``whole_film`` (a model that sees a crop only): the features are those of the crop followed by those of the
     uncropped film (:attr:`OODDetector.whole_film`), so the check sees what the crop leaves out (a child's whole
     chest, an adult's shoulders). Whether it helps is model by model: compare the population check's held-out
-    catch rate (non-test films) of both runs and keep the better."""
+    catch rate (non-test films) of both runs and keep the better.
+
+    ``features_from`` (a checkpoint folder of the same zoo): the check reads that model's features instead of this
+    model's own, fitted and thresholded on *this* model's training and validation films as always. For a model
+    whose own features tell its population from others poorly, when another model of the same training films
+    tells them better; it must have been trained on the same train/validation split (so that this model's
+    validation films, which set the thresholds, are unseen by it too)."""
     data_root = Path(data_root) if data_root is not None else paths.data_root()
     card = read_card(folder)
-    model = load_checkpoint(folder)
     task = load_task(card.task, data_root)
     split = card.training.get("val_fraction", val_fraction)
     train, val = patient_split(task.train_val, split, split_seed({"seed": seed, **card.training}))
-    if "n_train" in card.training and len(train) != card.training["n_train"] - card.training.get("n_train_64px", 0):
+    if "n_train" in card.training and len(train) != card.training["n_train"] - card.training.get("n_train_64px", 0) - card.training.get("n_train_pseudo", 0):
         raise ValueError("could not reproduce the model's training split; pass the --val-fraction and seed it used")
-    size, crop = card.input_size, card.crop
+    fcard = read_card(features_from) if features_from is not None else card
+    if features_from is not None:
+        check_same_films(fcard, train, val, data_root)
+    model = load_checkpoint(features_from if features_from is not None else folder)
+    size, crop = fcard.input_size, fcard.crop
     whole_film = whole_film and crop is not None
 
     def f(px: np.ndarray, films: np.ndarray | None = None) -> np.ndarray:
         """Features of model inputs ``px``; with the whole-film check, followed by those of ``films`` (the
         same films uncropped; ``px`` itself when they are not films, e.g. photographs)."""
-        out = _features(model, card, px)
+        out = _features(model, fcard, px)
         if whole_film:
-            out = np.concatenate([out, _features(model, card, px if films is None else films)], axis=1)
+            out = np.concatenate([out, _features(model, fcard, px if films is None else films)], axis=1)
         return out
 
     feats = lambda recs: f(cached_pixels(recs, size, crop), cached_pixels(recs, size) if whole_film else None)  # noqa: E731
@@ -221,7 +240,9 @@ def fit_and_measure(folder: Path, data_root: Path | None = None, percentile: flo
     result = {
         "model": card.name, "weights_sha256": card.sha256, "task": card.task,
         "whole_film": whole_film,
+        "features_from": None if features_from is None else {"model": fcard.name, "weights_sha256": fcard.sha256},
         "method": ("two checks on pooled penultimate features" + (
+            f" of {fcard.name} (another model of the same training films)" if features_from is not None else "") + (
             " of the model's lung crop and of the whole film (one batch of two)" if whole_film else "")
             + f", each passing {percentile}% of the {len(val)} validation "
             f"films: squared Mahalanobis distance in the top-{det.components.shape[1]} PCA space of the {len(train)} "
@@ -245,14 +266,17 @@ def fit_and_measure(folder: Path, data_root: Path | None = None, percentile: flo
         },
         "catch_rate_on_transformed_own_test_films": {name: rate(f(px, films)) for name, (px, films) in careless.items()},
         "not_measured": "lateral chest views: none are available offline",
-        "command": f"python -m training.ood {folder}" + (" --whole-film" if whole_film else ""),
+        "command": f"python -m training.ood {folder}" + (" --whole-film" if whole_film else "")
+                   + (f" --features-from {features_from}" if features_from is not None else ""),
     }
     if card.task == "covid3":
         result["note"] = (f"{card.name}'s 'Normal' class is mostly NIH films (RSNA challenge copies, "
                           "resized to 224 px JPEG), so NIH films are its own training population: neither check can "
                           "tell them apart, and an adult NIH film reaches this model without a warning.")
     card.ood = OODInfo(file=OOD_FILE, sha256=sha256_file(folder / OOD_FILE), threshold=det.threshold,
-                       source_file=f"docs/ood/{card.name}.json")
+                       source_file=f"docs/ood/{card.name}.json",
+                       features_from=None if features_from is None else fcard.name,
+                       features_sha256=None if features_from is None else fcard.sha256)
     write_card(card, folder)
     return result
 
@@ -265,11 +289,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--whole-film", action="store_true",
                    help="for a model that sees a crop: also check the whole film's features (keep it where the "
                         "population check's held-out catch rate says it helps)")
+    p.add_argument("--features-from", type=Path, default=None,
+                   help="a checkpoint folder of a model trained on the same films whose features the check reads "
+                        "(one more forward pass per request; keep it where it catches more)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     for folder in args.folders:
-        result = fit_and_measure(folder, args.data_root, whole_film=args.whole_film)
+        result = fit_and_measure(folder, args.data_root, whole_film=args.whole_film, features_from=args.features_from)
         (args.out / f"{result['model']}.json").write_text(json.dumps(result, indent=1) + "\n")
         log.info("%s", json.dumps(result, indent=1))
 

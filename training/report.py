@@ -237,7 +237,7 @@ def ood_section(entries) -> list[str]:
 
     out = ["## Out-of-distribution check (the right model for the film)", "",
            "Written by `python -m training.ood checkpoints/<model>`: a distance check and a population check on the "
-           "model's own penultimate features, each passing 99% of its validation films (thresholds and the population "
+           "model's own penultimate features (or, where named, those of a model of the same training films), each passing 99% of its validation films (thresholds and the population "
            "check's strength are set without any test film). A warning in `/predict` when either fires. False alarms "
            "on the model's own test films; catches on other populations' test films, on non-X-ray images and on its "
            "own test films inverted or rotated. Details per model in [docs/ood/](ood/).", "",
@@ -248,7 +248,8 @@ def ood_section(entries) -> list[str]:
         others = "; ".join(f"{k}: {pct(v)}" for k, v in d["catch_rate_on_other_populations_test_films"].items())
         nx = " / ".join(pct(v) for v in d["catch_rate_on_non_xray"].values())
         tr = " / ".join(pct(v) for v in d["catch_rate_on_transformed_own_test_films"].values())
-        out.append(f"| {card.name} | {pct(own)} | {others} | {nx} | {tr} |")
+        name = card.name + (f" (features of {card.ood.features_from})" if card.ood and card.ood.features_from else "")
+        out.append(f"| {name} | {pct(own)} | {others} | {nx} | {tr} |")
     notes = sorted({d["note"] for _, d in docs if d.get("note")})
     out += [""] + [f"*{n}*" for n in notes] + ([""] if notes else [])
     return out
