@@ -742,10 +742,22 @@ class ResultCleaner:
                 log.error("cleaning temporary files failed: %s", type(e).__name__)
 
 
-def delete_result(demo: gr.Blocks, name: str) -> bool:
+def written_ns(name: str) -> int | None:
+    """When the file was last written (ns), or None when it is gone."""
+    try:
+        return os.stat(name).st_mtime_ns
+    except OSError:
+        return None
+
+
+def delete_result(demo: gr.Blocks, name: str, delivered_ns: int | None = None) -> bool:
     """Delete one temporary file of ``demo`` (not a kept one) and its folder when that is left empty; True when
-    it went."""
+    it went. With ``delivered_ns`` (when the delivered file had been written), a file written again since is left:
+    Gradio names a result by its content, so the same film analysed the same way again (another client, or the
+    same one twice) is the same path, rewritten for an answer whose client has not fetched it yet."""
     if name in kept_files(demo):
+        return False
+    if delivered_ns is not None and written_ns(name) not in (delivered_ns, None):
         return False
     try:
         os.remove(name)
@@ -769,7 +781,8 @@ class DeliveredResults:
     it is deleted ``grace_s`` seconds later, long enough for a page to draw it, instead of living
     :data:`CACHE_CLEANING` seconds. Example films (kept) and files of other requests are untouched; results
     nobody fetches still go with :class:`ResultCleaner`. A second fetch after the grace gets 404, so the page
-    offers the report (PDF) to keep a heatmap."""
+    offers the report (PDF) to keep a heatmap. A result written again within the grace (the same answer for
+    another request: same content, same path) is left for that request's own fetch."""
 
     def __init__(self, app, demo: gr.Blocks, grace_s: float = DELIVERED_GRACE_S) -> None:
         self.app, self.demo, self.grace_s = app, demo, grace_s
@@ -796,7 +809,7 @@ class DeliveredResults:
 
         await self.app(scope, receive, watch)
         if sent.get("status") == 200 and sent.get("whole") and self._is_result(name):
-            asyncio.get_running_loop().call_later(self.grace_s, delete_result, self.demo, name)
+            asyncio.get_running_loop().call_later(self.grace_s, delete_result, self.demo, name, written_ns(name))
 
 
 def configure_queue(demo: gr.Blocks) -> gr.Blocks:

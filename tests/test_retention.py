@@ -112,3 +112,38 @@ def test_a_delivered_overlay_goes_after_its_grace_and_examples_stay(live_demo, t
             assert http.get(url + "gradio_api/file=" + kept[0]).status_code == 200
         time.sleep(DELIVERED_GRACE_S + 2)
         assert Path(kept[0]).is_file(), "an example film's cached copy was deleted after it was shown"
+
+
+def test_the_same_answer_for_a_second_request_outlives_the_first_ones_delivery(live_demo, tmp_path):
+    """Gradio names a result by its content, so the same film explained the same way twice is one path. The first
+    answer's delivery used to delete the file under the second one, whose client then got 403 (bench.serving's 30
+    sequential /explain of one film failed this way). A file written again since its delivery is left for the
+    later request's own fetch, which then deletes it after its grace."""
+    import httpx
+
+    from cxr_demo.ui import DELIVERED_GRACE_S
+    from tests.helpers import call_event, write_film
+
+    _demo, url = live_demo
+    film = write_film(tmp_path / "film.png")
+    with httpx.Client(timeout=120) as http:
+        def explain() -> dict:
+            with open(film, "rb") as f:
+                uploaded = http.post(url + "gradio_api/upload", files={"files": (film.name, f)}).json()[0]
+            kind, data = call_event(http, url, "explain", [{"path": uploaded, "meta": {"_type": "gradio.FileData"}},
+                                                           "nih14-small-cnn", "", "gradcam", "", 0.5, 0.0])
+            assert kind == "complete", data
+            return data[0]
+
+        first = explain()
+        assert http.get(first["url"]).status_code == 200  # delivered: goes DELIVERED_GRACE_S from now
+        time.sleep(1.0)
+        second = explain()
+        assert second["path"] == first["path"], "the same answer is the same file"
+        time.sleep(DELIVERED_GRACE_S + 1)  # past the first delivery's grace
+        assert http.get(second["url"]).status_code == 200, "the second answer was deleted under its client"
+        server_file = Path(second["path"])
+        deadline = time.time() + DELIVERED_GRACE_S + 10
+        while server_file.exists() and time.time() < deadline:
+            time.sleep(0.5)
+        assert not server_file.exists(), "the second delivery did not delete it"
