@@ -47,6 +47,14 @@ def temp_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file()]
 
 
+def _stat(path: Path) -> os.stat_result | None:
+    """``path.stat()``, or None when the file went between listing and looking (the app deletes as it goes)."""
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        return None
+
+
 def nih_films(n: int, first: Path = DEFAULT_IMAGE) -> list[Path]:
     """``first`` and then n - 1 other NIH films of the official train/validation list (never a test film),
     in a fixed order."""
@@ -175,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
             results = [f for f in temp_files(temp) if f.name not in examples]
             res["result_files_after_grace"] = len(results)
             res["result_file_kinds_after_grace"] = sorted({f.suffix or f.name[:3] for f in results})
+            now = time.time()  # what each one is: its folder depth, size and age (no names: they are hashes)
+            res["result_files_after_grace_detail"] = [
+                {"depth": len(f.relative_to(temp).parts), "suffix": f.suffix, "bytes": st.st_size,
+                 "age_s": round(now - st.st_mtime, 1)} for f in results if (st := _stat(f)) is not None]
             rounds.append(res)
             print(json.dumps({k: v for k, v in res.items() if k != "slow_heatmap_s"}), flush=True)
         done.set()
@@ -184,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(5)
         final_rss = rss_mb(proc.pid)
         left = temp_files(temp)
+        left_detail = [{"example_copy": f.name in examples, "suffix": f.suffix, "bytes": st.st_size}
+                       for f in left if (st := _stat(f)) is not None]
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -192,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
               "requests_per_client": args.requests_per_client, "mix": "3 /predict : 1 /explain (default settings)",
               "slow_heatmap": None if slow is None else {"model": slow[0], "method": slow[1]},
               "server_ready_s": ready_s, "rounds": rounds, "rss_after_all_mib": final_rss,
-              "temp_files_after_all": len(left), "cpu_count": os.cpu_count(),
+              "temp_files_after_all": len(left), "temp_files_after_all_detail": left_detail, "cpu_count": os.cpu_count(),
               "after_last_round": {"slow_heatmap_s": [round(v, 1) for v in tail_lat.get("slow", [])],
                                    "errors": tail_errors},
               "command": "python -m bench.load " + " ".join(argv or [])}

@@ -16,6 +16,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -155,13 +156,17 @@ def start_app(port: int, noop: bool = False, profiling: bool = True) -> tuple[su
                **({"GRADIO_PROFILING": "1"} if profiling else {}))
     cmd = [sys.executable, "-m", "bench.serving", "--serve-noop", str(port)] if noop else [sys.executable, "app.py"]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # The server's log goes to a file, not a pipe: a pipe nobody reads fills up (64 KiB) and then blocks the
+    # server at its next write, mid-request (bench.load's slow heatmap hung that way after ~20 minutes).
+    log_file = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log_file)
     url = f"http://127.0.0.1:{port}/"
     import urllib.request
 
     while time.perf_counter() - t0 < 120:
         if proc.poll() is not None:
-            raise RuntimeError(f"app.py exited: {proc.stderr.read().decode()[-2000:]}")
+            log_file.seek(0)
+            raise RuntimeError(f"app.py exited: {log_file.read().decode(errors='replace')[-2000:]}")
         try:
             urllib.request.urlopen(url, timeout=1)
             return proc, time.perf_counter() - t0, url

@@ -122,10 +122,35 @@ def reshape_for(model: torch.nn.Module, architecture: str) -> Callable[[torch.Te
     return None
 
 
+class _QuietTqdm:
+    """Stands in for the ``tqdm`` module inside pytorch-grad-cam's Score-CAM and Ablation-CAM, whose loops draw a
+    progress bar on the server's stderr on every call (no option turns it off): a log line per batch of every
+    heatmap, and a server whose stderr is a pipe nobody drains blocks in the middle of a heatmap, for good (seen
+    in bench.load: the slow heatmap hung after ~20 minutes). The app reports progress through Gradio instead."""
+
+    @staticmethod
+    def tqdm(iterable=None, *args, **kwargs):
+        return iterable
+
+
+def quiet_cam_progress() -> None:
+    """Silence pytorch-grad-cam's own progress bars (module-scoped; idempotent)."""
+    import importlib
+
+    for name in ("score_cam", "ablation_cam", "ablation_cam_multilayer"):
+        try:
+            module = importlib.import_module(f"pytorch_grad_cam.{name}")
+        except ImportError:
+            continue
+        if hasattr(module, "tqdm"):
+            module.tqdm = _QuietTqdm
+
+
 def cam_class(method: str) -> type:
     """The pytorch-grad-cam class of a method name (a key of :data:`CAM_METHODS`)."""
     import pytorch_grad_cam
 
+    quiet_cam_progress()
     return getattr(pytorch_grad_cam, CAM_METHODS[method])
 
 

@@ -288,3 +288,19 @@ def test_a_finding_box_source_must_be_complete(fields):
 
     with pytest.raises(ValidationError):
         FindingBox(text="x", **fields)
+
+
+@pytest.mark.parametrize("method", ["scorecam", "ablationcam"])
+def test_slow_methods_draw_no_progress_bar_on_the_servers_stderr(tmp_path, capfd, method):
+    """pytorch-grad-cam's Score-CAM and Ablation-CAM print a tqdm bar per call; a server whose stderr was a pipe
+    nobody read hung inside the heatmap once the pipe was full (bench.load, after ~20 minutes). Now silent, and
+    the heatmap is the same."""
+    folder = make_checkpoint(tmp_path, name="m", arch="test_efficientnet", input_size=64)
+    card = read_card(folder)
+    model = load_weights(card, folder / "model.safetensors")
+    x = preprocess(synthetic_xray(128), card)
+    capfd.readouterr()
+    heat = compute_heatmap(model, card, x, 3, method)
+    err = capfd.readouterr().err
+    assert "it/s" not in err and "|" not in err, err[:200]
+    assert heat.shape == (64, 64) and np.isfinite(heat).all()
