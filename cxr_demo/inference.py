@@ -55,13 +55,19 @@ def features_and_logits(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.
     return feats, model.get_classifier()(feats)
 
 
+def with_whole_film(x: torch.Tensor, pixels: np.ndarray, card: ModelCard) -> torch.Tensor:
+    """The batch of one preprocessed film ``x`` followed by the whole film (uncropped) as ``card``'s model takes it:
+    what a whole-film out-of-distribution check reads (:attr:`cxr_demo.ood.OODDetector.whole_film`)."""
+    return torch.cat([x, normalise_batch(prepare_pixels(pixels, card.input_size)[None], card.mean, card.std)])
+
+
 def ood_features(model: torch.nn.Module, card: ModelCard, pixels: np.ndarray, whole_film: bool = False) -> torch.Tensor:
     """The features an out-of-distribution check reads from ``model`` for one film, shape (1, D): those of the
     card's preprocessing of ``pixels``, followed, with ``whole_film`` and a cropping card, by those of the whole film
-    (one batch of two; :attr:`cxr_demo.ood.OODDetector.whole_film`)."""
+    (one batch of two)."""
     x = preprocess(pixels, card)
     if whole_film and card.crop is not None:
-        x = torch.cat([x, normalise_batch(prepare_pixels(pixels, card.input_size)[None], card.mean, card.std)])
+        x = with_whole_film(x, pixels, card)
     with torch.inference_mode():
         feats, _ = features_and_logits(model, x)
     return feats.reshape(1, -1)

@@ -37,10 +37,9 @@ from cxr_demo.inference import (
     features_and_logits,
     findings_table,
     logits_to_probabilities,
-    normalise_batch,
     ood_features,
-    prepare_pixels,
     preprocess,
+    with_whole_film,
 )
 from cxr_demo.lungs import LungResult, LungSegmenter, apply_prior, default_segmenter
 from cxr_demo.models import WeightsError
@@ -258,8 +257,7 @@ class DemoService:
             if feature_model is None or feature_model is model:
                 whole = detector is not None and detector.whole_film and card.crop is not None
                 if whole:  # the check also sees the film this model only sees a crop of: one batch of two
-                    x = torch.cat([x, normalise_batch(prepare_pixels(xray.pixels, card.input_size)[None], card.mean,
-                                                      card.std)])
+                    x = with_whole_film(x, xray.pixels, card)
                 with torch.inference_mode():
                     features, logits = features_and_logits(model, x)  # one pass: findings and the OOD check
                 if whole:
