@@ -339,6 +339,7 @@ def test_ablation_records_a_run_trained_before(train_env, monkeypatch):
     done = record["variants"]["v-done"]
     assert done["run_seconds"] == read_card(train_env / "runs" / "ablation" / "v-done").training["wall_seconds"]
     assert 0 <= done["val_macro_auroc"] <= 1 and done["val_images"] > 0
+    assert done["cam_outside_thorax"]["shape"] == "hull+0.05"  # training.cam_prior's measure, with the lung model
     assert not (train_env / "runs" / "ablation" / "v-not-yet").exists()
     assert "| v-done |" in (train_env / "docs" / "ABLATION.md").read_text()
 

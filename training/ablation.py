@@ -26,6 +26,7 @@ from cxr_demo.card import read_card
 from cxr_demo.inference import predict_array
 from cxr_demo.paths import PROJECT_ROOT
 from cxr_demo.zoo import load_checkpoint
+from training.cam_prior import measure
 from training.data import cached_pixels
 from training.metrics import macro_auroc, safe_auroc
 from training.robustness import half_step_noise_change, validation_records
@@ -60,6 +61,9 @@ STUDIES: dict[str, dict[str, list[str]]] = {
         # a1 with the 1,164 unlabelled adult films (lungseg, covid19/COVID; no NIH film) in the training part, soft
         # labels from the default model's calibrated probabilities (training.pseudo; semi-supervised, one round).
         "nih14-lite0-a8-stembn-pseudo": [*LITE0, "--freeze-stem-bn", "--pseudo-labels", "checkpoints/nih14-ensemble"],
+        # a1 with a loss on the share of each positive finding's class activation outside the thorax (training.cam_prior;
+        # #12: the heatmaps of every model put ~40% of their mass outside the chest).
+        "nih14-lite0-a9-stembn-camprior": [*LITE0, "--freeze-stem-bn", "--cam-prior", "1"],
     },
 }
 
@@ -83,8 +87,20 @@ def validation_record(folder: Path) -> dict:
         "per_finding_val_auroc": {n: safe_auroc(y[:, j], p[:, j]) for j, n in enumerate(card.label_names)},
         "val_positives": card.training["val_positives"],
         "half_step_noise": half_step_noise_change(model, card, pixels),
+        "cam_outside_thorax": cam_outside_thorax(folder),
         "weights_sha256": card.sha256,
     }
+
+
+def cam_outside_thorax(folder: Path) -> dict | None:
+    """The share of class activation outside the thorax on validation (:func:`training.cam_prior.measure`); None for
+    a model it does not apply to (a crop, a transformer) or without the lung model."""
+    try:
+        out = measure(folder)
+    except (SystemExit, ValueError) as e:
+        log.info("%s: no CAM-outside-thorax measure (%s)", folder.name, e)
+        return None
+    return {k: out[k] for k in ("shape", "mean", "pairs", "per_finding")}
 
 
 def run_study(study: str, out: Path, only: list[str] | None = None, train: bool = True) -> dict:
@@ -118,7 +134,9 @@ def write_table(docs: Path | None = None) -> Path:
            "evaluated on the test images (its `eval.json`). With about 200 validation images (and 10-60 positives "
            "per finding), differences of a few hundredths are within noise. Rows ending in `-seed<N>` repeat a recipe "
            "with another training seed on the same validation films (`--split-seed 0`): their spread is how far one "
-           "recipe moves by chance, the least any other row must clear.", ""]
+           "recipe moves by chance, the least any other row must clear. *CAM outside thorax*: the share of each present "
+           "finding's class activation map outside the film's thorax (lung model, `hull+0.05`, about half the film) on "
+           "validation, mean over (film, finding) pairs (`python -m training.cam_prior`); - where not measured.", ""]
     for path in sorted((docs / "ablation").glob("*.json")):
         rec = json.loads(path.read_text())
         variants = rec["variants"]
@@ -127,11 +145,13 @@ def write_table(docs: Path | None = None) -> Path:
         labels = list(next(iter(variants.values()))["per_finding_val_auroc"])
         out += [f"## {rec['study']}", "",
                 "| variant | val macro AUROC | val, films with a finding | half-step noise: mean / max change | "
-                "best epoch / run | minutes |", "|---|---|---|---|---|---|"]
+                "CAM outside thorax | best epoch / run | minutes |", "|---|---|---|---|---|---|---|"]
         for name, v in variants.items():
             n = v["half_step_noise"]
+            cam = v.get("cam_outside_thorax")
             out.append(f"| {name} | {v['val_macro_auroc']:.3f} | {v['val_macro_auroc_findings_only']:.3f} | "
-                       f"{n['mean_abs_change']:.4f} / {n['max_abs_change']:.3f} | {v['best_epoch']} / {v['epochs_run']} | "
+                       f"{n['mean_abs_change']:.4f} / {n['max_abs_change']:.3f} | "
+                       f"{'-' if not cam else format(cam['mean'], '.2f')} | {v['best_epoch']} / {v['epochs_run']} | "
                        f"{v['run_seconds'] / 60:.0f} |")
         out += ["", "Per finding (validation AUROC; positives in brackets):", "",
                 "| variant | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]

@@ -39,7 +39,10 @@ from cxr_demo.cam import default_cam_layer
 from cxr_demo.card import WEIGHTS_FILE, ModelCard, read_card, write_card
 from cxr_demo.inference import normalise, predict_array, unit_batch
 from cxr_demo.labels import display_name
+from cxr_demo.lungs import PRIOR_SHAPES, default_segmenter
 from cxr_demo.models import load_weights, sha256_file
+from training.cam_prior import DEFAULT_SHAPE as CAM_PRIOR_SHAPE
+from training.cam_prior import FeaturesAndLogits, class_maps, outside_share, thorax_masks, validation_outside_share
 from training.data import (
     NIH_64PX_DIR,
     UNCERTAIN_POLICIES,
@@ -77,9 +80,13 @@ COVID3_SOURCES_CAUTION = (
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, max_rot_deg: float = 7.0, scale: float = 0.1,
-            translate: float = 0.06, jitter: float = 0.1, hflip: bool = False) -> torch.Tensor:
+            translate: float = 0.06, jitter: float = 0.1, hflip: bool = False,
+            masks: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Small random rotation, scale, translation and brightness/contrast; horizontal flips only when
-    asked (anatomy is not left-right symmetric). ``x`` is a float batch in [0, 1], shape (B, 1, H, W)."""
+    asked (anatomy is not left-right symmetric). ``x`` is a float batch in [0, 1], shape (B, 1, H, W).
+
+    With ``masks`` (B, 1, H, W), also returns them moved by the same geometry (zero outside the film), drawing
+    no extra random numbers: the images are augmented exactly as without them."""
     b = x.shape[0]
     ang = (torch.rand(b, generator=gen) * 2 - 1) * math.radians(max_rot_deg)
     s = 1 + (torch.rand(b, generator=gen) * 2 - 1) * scale
@@ -91,10 +98,13 @@ def augment(x: torch.Tensor, gen: torch.Generator, max_rot_deg: float = 7.0, sca
         theta[flip, 0, :2] *= -1
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    moved = None if masks is None else F.grid_sample(masks.float(), grid, mode="bilinear", padding_mode="zeros",
+                                                     align_corners=False)
     contrast = 1 + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * jitter
     bright = (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * jitter
     mean = x.mean(dim=(2, 3), keepdim=True)
-    return ((x - mean) * contrast + mean + bright).clamp(0, 1)
+    x = ((x - mean) * contrast + mean + bright).clamp(0, 1)
+    return x if moved is None else (x, moved)
 
 
 def stem_bn(model: torch.nn.Module) -> torch.nn.Module:
@@ -184,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "probabilities of this checkpoint folder as soft labels (nih14; see training.pseudo)")
     p.add_argument("--unlabelled", nargs="+", choices=UNLABELLED_SOURCES, default=list(UNLABELLED_SOURCES),
                    help="with --pseudo-labels: which unlabelled films (default: all)")
+    p.add_argument("--cam-prior", type=float, default=0.0, metavar="WEIGHT",
+                   help="add WEIGHT x the share of each positive finding's class activation map outside the film's "
+                        "thorax (lung model) to the loss (training.cam_prior; CNNs, no --crop)")
+    p.add_argument("--cam-prior-shape", default=CAM_PRIOR_SHAPE, choices=PRIOR_SHAPES,
+                   help="with --cam-prior: the thorax region, as /explain's prior names it")
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--patience", type=int, default=5, help="epochs without validation improvement")
     p.add_argument("--seed", type=int, default=0)
@@ -275,12 +290,25 @@ def main(argv: list[str] | None = None) -> Path:
              len({r.patient for r in train}), len(val), len({r.patient for r in val}))
     x_train = cached_pixels(train, args.input_size, crop)
     x_val = cached_pixels(val, args.input_size, crop)
+    cam_prior = None
+    if args.cam_prior:
+        if crop is not None:
+            raise SystemExit("--cam-prior needs the film's own frame: not with --crop")
+        segmenter = default_segmenter()
+        if segmenter is None:
+            raise SystemExit("--cam-prior needs the lung model (checkpoints/lungseg-efficientnet-lite0)")
+        m_train = thorax_masks(train, args.input_size, args.cam_prior_shape, segmenter)
+        m_val = thorax_masks(val, args.input_size, args.cam_prior_shape, segmenter)
+        cam_prior = {"weight": args.cam_prior, "shape": args.cam_prior_shape, "lung_model": segmenter.card.name,
+                     "lung_model_sha256": segmenter.card.sha256,
+                     "train_films_without_lungs": int((m_train.reshape(len(train), -1).max(1) == 0).sum())}
     y_train = np.stack([r.labels for r in train])
     y_val = np.stack([r.labels for r in val])
 
     model, mean, std, init_text = _init_model(args, len(task.label_names))
     model = model.to(device).to(memory_format=torch.channels_last)
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    base = FeaturesAndLogits(model) if cam_prior else model  # with the prior, one pass gives logits and features
+    net = torch.nn.parallel.DistributedDataParallel(base) if world > 1 else base
     opt_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
     opt = opt_cls(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
@@ -331,13 +359,17 @@ def main(argv: list[str] | None = None) -> Path:
             stem_bn(model).eval()
         order = (torch.multinomial(weights, len(train), replacement=True, generator=gen) if weights is not None
                  else torch.randperm(len(train), generator=gen))
-        losses = []
+        losses, shares = [], []
         t0 = time.time()
         show = args.progress if args.progress is not None else (sys.stderr.isatty() and rank == 0)
         for i in tqdm(range(0, len(train), args.batch_size), desc=f"epoch {epoch + 1}/{args.epochs}",
                       disable=not show, leave=False):
             idx = order[i : i + args.batch_size].numpy()
-            x = augment(unit_batch(x_train[idx]), gen, hflip=args.hflip)
+            if cam_prior:
+                x, regions = augment(unit_batch(x_train[idx]), gen, hflip=args.hflip,
+                                     masks=torch.from_numpy(m_train[idx][:, None]))
+            else:
+                x = augment(unit_batch(x_train[idx]), gen, hflip=args.hflip)
             if args.noise:
                 x = x + torch.randn(x.shape, generator=gen) * (args.noise / 255.0)
             x = normalise(x, mean, std)
@@ -346,11 +378,16 @@ def main(argv: list[str] | None = None) -> Path:
             xb = x[part].to(device).contiguous(memory_format=torch.channels_last)
             yb, yg = y[part].to(device), y.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = net(xb).float()
+                out = net(xb)
+            logits, feats = (out[0].float(), out[1]) if cam_prior else (out.float(), None)
             if task.task_kind == "multilabel":
                 loss = multilabel_loss(loss_kind, logits, yb, yg, pos_weight, gamma=args.focal_gamma)
             else:
                 loss = multiclass_loss(loss_kind, logits, yb, yg, class_weight, gamma=args.focal_gamma)
+            if cam_prior:
+                share = outside_share(class_maps(feats, model.get_classifier()), regions[part].to(device), yb)
+                loss = loss + args.cam_prior * share
+                shares.append(share.item())
             opt.zero_grad(set_to_none=True)
             (loss * world).backward()  # DDP averages gradients; each rank's loss is its share of the batch sum
             opt.step()
@@ -369,6 +406,7 @@ def main(argv: list[str] | None = None) -> Path:
             sched.step(auc if auc is not None else 0.0)
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_macro_auroc": auc_all,
                "val_macro_auroc_findings_only": auc_findings,
+               **({"train_cam_outside_thorax": float(np.mean(shares))} if shares else {}),
                "lr": opt.param_groups[0]["lr"], "frozen_backbone": frozen, "seconds": round(time.time() - t0, 1),
                "images_per_s": round(len(train) / (time.time() - t0), 1)}
         rows.append(row)
@@ -416,6 +454,9 @@ def main(argv: list[str] | None = None) -> Path:
     val_findings_only = macro_auroc_with_finding(y_val, p_val) if task.task_kind == "multilabel" else None
     val_all = macro_auroc(y_val, p_val)  # of the weights as shipped, whichever validation view chose the epoch
     val_all = val_all if val_all is not None else best_auc  # no finding with both classes in validation
+    if cam_prior:  # what the prior trained down, on the validation films, of the weights as shipped
+        cam_prior["val_cam_outside_thorax"] = validation_outside_share(model, x_val, m_val, y_val, mean, std,
+                                                                       task.label_names)
 
     arch_short = args.arch.replace("tf_", "")
     small_data = len(train) < 20000
@@ -424,7 +465,8 @@ def main(argv: list[str] | None = None) -> Path:
         version="1.0.0",
         changelog=[f"1.0.0: first training run ({args.epochs} epochs max, best epoch {best_epoch})"],
         description=f"{args.arch} trained for {args.task} at {args.input_size} px, one input channel"
-                    f"{', lung-region crop' if crop else ''}.",
+                    f"{', lung-region crop' if crop else ''}"
+                    f"{', trained to keep its class activation inside the thorax' if cam_prior else ''}.",
         summary=f"{arch_short} | init: {args.init} | {args.task}: {len(train)} train images | val macro AUROC {val_all:.3f}",
         task=args.task,
         task_kind=task.task_kind,
@@ -473,7 +515,7 @@ def main(argv: list[str] | None = None) -> Path:
             "augmentation": "rotation 7 deg, scale 10%, translate 6%, brightness/contrast 10%, "
                             + ("horizontal flips" if args.hflip else "no flips")
                             + (f", Gaussian noise sd {args.noise:g}/255" if args.noise else ""),
-            "freeze_stem_bn": args.freeze_stem_bn, "ema_decay": args.ema,
+            "freeze_stem_bn": args.freeze_stem_bn, "ema_decay": args.ema, "cam_prior": cam_prior,
             "val_macro_auroc_findings_only": val_findings_only,
             "seed": args.seed, "split_seed": seed_of_split, "dtype": "float16" if args.fp16 else "float32",
             "wall_seconds": round(time.time() - started), "device": str(device.type), "processes": world,
