@@ -22,10 +22,8 @@ IoU with the inference-time prior), so no recipe of the zoo uses it.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +32,7 @@ import torch.nn.functional as F
 
 from cxr_demo.images import read_xray
 from cxr_demo.lungs import PRIOR_SHAPES, LungSegmenter, default_segmenter, thorax_region, to_image_frame
-from training.data import DEFAULT_CACHE, Record
+from training.data import Record, cached_array
 
 log = logging.getLogger(__name__)
 
@@ -112,28 +110,21 @@ def thorax_masks(records: list[Record], size: int, shape: str = DEFAULT_SHAPE,
     segmenter = segmenter or default_segmenter()
     if segmenter is None:
         raise SystemExit("--cam-prior needs the lung model (checkpoints/lungseg-efficientnet-lite0)")
-    cache_dir = Path(cache_dir or os.environ.get("CXR_TRAIN_CACHE") or DEFAULT_CACHE)
-    key = hashlib.sha256(repr(([str(r.path) for r in records], size, shape, segmenter.card.sha256,
-                               "thorax")).encode()).hexdigest()[:20]
-    path = cache_dir / f"{key}.npy"
-    if path.exists():
-        arr = np.load(path)
-        if arr.shape == (len(records), size, size):
-            return arr
-    arr = np.zeros((len(records), size, size), dtype=np.uint8)
-    missing = 0
-    for i, r in enumerate(records):
-        lungs = segmenter.segment(read_xray(r.path).pixels)
-        if lungs.found():
-            arr[i] = to_image_frame(thorax_region(lungs.mask, shape), size, size)
-        else:
-            missing += 1
-    log.info("thorax masks (%s) for %d films; no lungs found in %d (no penalty there)", shape, len(records), missing)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, arr)
-    tmp.replace(path)
-    return arr
+
+    def fill() -> np.ndarray:
+        arr = np.zeros((len(records), size, size), dtype=np.uint8)
+        missing = 0
+        for i, r in enumerate(records):
+            lungs = segmenter.segment(read_xray(r.path).pixels)
+            if lungs.found():
+                arr[i] = to_image_frame(thorax_region(lungs.mask, shape), size, size)
+            else:
+                missing += 1
+        log.info("thorax masks (%s) for %d films; no lungs found in %d (no penalty there)", shape, len(records),
+                 missing)
+        return arr
+
+    return cached_array(records, size, (size, shape, segmenter.card.sha256, "thorax"), fill, cache_dir)
 
 
 def validation_outside_share(model: torch.nn.Module, x_val: np.ndarray, m_val: np.ndarray, y_val: np.ndarray,

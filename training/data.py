@@ -8,6 +8,7 @@ import hashlib
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,6 +139,25 @@ def patient_split(records: list[Record], val_fraction: float, seed: int) -> tupl
     return train, val
 
 
+def cached_array(records: list[Record], size: int, key: tuple, fill: Callable[[], np.ndarray],
+                 cache_dir: Path | None = None) -> np.ndarray:
+    """A (N, size, size) array per film, cached on disk under a key of the file list and ``key``; ``fill()`` makes
+    it when the cache has none (written atomically, so an interrupted run leaves no half file)."""
+    cache_dir = Path(cache_dir or os.environ.get("CXR_TRAIN_CACHE") or DEFAULT_CACHE)
+    digest = hashlib.sha256(repr(([str(r.path) for r in records], *key)).encode()).hexdigest()[:20]
+    path = cache_dir / f"{digest}.npy"
+    if path.exists():
+        arr = np.load(path)
+        if arr.shape == (len(records), size, size):
+            return arr
+    arr = fill()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, arr)
+    tmp.replace(path)
+    return arr
+
+
 def cached_pixels(
     records: list[Record], size: int, crop: tuple[float, float, float, float] | None = None, cache_dir: Path | None = None
 ) -> np.ndarray:
@@ -145,21 +165,13 @@ def cached_pixels(
 
     The cache key covers the file list, size and crop, so a change of any of them re-decodes.
     """
-    cache_dir = Path(cache_dir or os.environ.get("CXR_TRAIN_CACHE") or DEFAULT_CACHE)
-    key = hashlib.sha256(repr(([str(r.path) for r in records], size, crop)).encode()).hexdigest()[:20]
-    path = cache_dir / f"{key}.npy"
-    if path.exists():
-        arr = np.load(path)
-        if arr.shape == (len(records), size, size):
-            return arr
-    arr = np.empty((len(records), size, size), dtype=np.uint8)
-    for i, r in enumerate(records):
-        arr[i] = prepare_pixels(read_xray(r.path).pixels, size, crop)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, arr)
-    tmp.replace(path)
-    return arr
+    def fill() -> np.ndarray:
+        arr = np.empty((len(records), size, size), dtype=np.uint8)
+        for i, r in enumerate(records):
+            arr[i] = prepare_pixels(read_xray(r.path).pixels, size, crop)
+        return arr
+
+    return cached_array(records, size, (size, crop), fill, cache_dir)
 
 
 # --- paediatric pneumonia (Kermany et al. 2018) -------------------------------------------------
