@@ -21,12 +21,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from cxr_demo.card import read_card
+from cxr_demo.card import ModelCard, read_card
 from cxr_demo.inference import predict_array
 from cxr_demo.paths import PROJECT_ROOT
 from cxr_demo.zoo import load_checkpoint
-from training.cam_prior import measure
+from training.cam_prior import measure_loaded
 from training.data import cached_pixels
 from training.metrics import macro_auroc, safe_auroc
 from training.robustness import half_step_noise_change, validation_records
@@ -87,18 +88,18 @@ def validation_record(folder: Path) -> dict:
         "per_finding_val_auroc": {n: safe_auroc(y[:, j], p[:, j]) for j, n in enumerate(card.label_names)},
         "val_positives": card.training["val_positives"],
         "half_step_noise": half_step_noise_change(model, card, pixels),
-        "cam_outside_thorax": cam_outside_thorax(folder),
+        "cam_outside_thorax": cam_outside_thorax(card, model, val, pixels),
         "weights_sha256": card.sha256,
     }
 
 
-def cam_outside_thorax(folder: Path) -> dict | None:
-    """The share of class activation outside the thorax on validation (:func:`training.cam_prior.measure`); None for
-    a model it does not apply to (a crop, a transformer) or without the lung model."""
+def cam_outside_thorax(card: ModelCard, model: torch.nn.Module, val: list, pixels: np.ndarray) -> dict | None:
+    """The share of class activation outside the thorax on validation (:func:`training.cam_prior.measure_loaded`);
+    None for a model it does not apply to (a crop, a transformer) or without the lung model."""
     try:
-        out = measure(folder)
+        out = measure_loaded(card, model, val, pixels)
     except (SystemExit, ValueError) as e:
-        log.info("%s: no CAM-outside-thorax measure (%s)", folder.name, e)
+        log.info("%s: no CAM-outside-thorax measure (%s)", card.name, e)
         return None
     return {k: out[k] for k in ("shape", "mean", "pairs", "per_finding")}
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cxr_demo.card import ModelCard, read_card
 from cxr_demo.images import read_xray
 from cxr_demo.lungs import PRIOR_SHAPES, LungSegmenter, default_segmenter, thorax_region, to_image_frame
 from training.data import Record, cached_array
@@ -97,6 +98,18 @@ def outside_share(cams: torch.Tensor, regions: torch.Tensor, labels: torch.Tenso
     return share[counted].mean()
 
 
+def lung_model() -> LungSegmenter:
+    """The project's lung model, which draws the thorax.
+
+    Raises:
+        SystemExit: it is not there.
+    """
+    segmenter = default_segmenter()
+    if segmenter is None:
+        raise SystemExit("--cam-prior needs the lung model (checkpoints/lungseg-efficientnet-lite0)")
+    return segmenter
+
+
 def thorax_masks(records: list[Record], size: int, shape: str = DEFAULT_SHAPE,
                  segmenter: LungSegmenter | None = None, cache_dir: Path | None = None) -> np.ndarray:
     """The thorax region of every film at the model's input size, (N, size, size) uint8 in {0, 1}; all zero where
@@ -107,9 +120,7 @@ def thorax_masks(records: list[Record], size: int, shape: str = DEFAULT_SHAPE,
     """
     if shape not in PRIOR_SHAPES:
         raise SystemExit(f"--cam-prior-shape must be one of {PRIOR_SHAPES}")
-    segmenter = segmenter or default_segmenter()
-    if segmenter is None:
-        raise SystemExit("--cam-prior needs the lung model (checkpoints/lungseg-efficientnet-lite0)")
+    segmenter = segmenter or lung_model()
 
     def fill() -> np.ndarray:
         arr = np.zeros((len(records), size, size), dtype=np.uint8)
@@ -155,22 +166,25 @@ def validation_outside_share(model: torch.nn.Module, x_val: np.ndarray, m_val: n
 
 
 def measure(folder: Path, shape: str = DEFAULT_SHAPE, data_root: Path | None = None) -> dict:
-    """:func:`validation_outside_share` of a checkpoint folder on its own validation films (re-made from its card).
-
-    Raises:
-        SystemExit: the model crops its input (its CAM is not in the film's frame) or is not a pooled CNN.
-    """
-    from cxr_demo.card import read_card
+    """:func:`measure_loaded` of a checkpoint folder on its own validation films (re-made from its card)."""
     from cxr_demo.zoo import load_checkpoint
     from training.data import cached_pixels
     from training.robustness import validation_records
 
     card = read_card(folder)
+    val = validation_records(card, data_root)
+    return measure_loaded(card, load_checkpoint(folder), val, cached_pixels(val, card.input_size, card.crop), shape)
+
+
+def measure_loaded(card: ModelCard, model: torch.nn.Module, val: list[Record], x_val: np.ndarray,
+                   shape: str = DEFAULT_SHAPE) -> dict:
+    """:func:`validation_outside_share` of a loaded model on its validation films ``val`` (decoded: ``x_val``).
+
+    Raises:
+        SystemExit: the model crops its input (its CAM is not in the film's frame) or is not a pooled CNN.
+    """
     if card.crop is not None:
         raise SystemExit("a cropping model's CAM is not in the film's frame; not measured")
-    model = load_checkpoint(folder)
-    val = validation_records(card, data_root)
-    x_val = cached_pixels(val, card.input_size, card.crop)
     m_val = thorax_masks(val, card.input_size, shape)
     y_val = np.stack([r.labels for r in val])
     return {"model": card.name, "sha256": card.sha256, "shape": shape, "split": "validation", "n_films": len(val),

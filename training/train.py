@@ -39,10 +39,17 @@ from cxr_demo.cam import default_cam_layer
 from cxr_demo.card import WEIGHTS_FILE, ModelCard, read_card, write_card
 from cxr_demo.inference import normalise, predict_array, unit_batch
 from cxr_demo.labels import display_name
-from cxr_demo.lungs import PRIOR_SHAPES, default_segmenter
+from cxr_demo.lungs import PRIOR_SHAPES
 from cxr_demo.models import load_weights, sha256_file
 from training.cam_prior import DEFAULT_SHAPE as CAM_PRIOR_SHAPE
-from training.cam_prior import FeaturesAndLogits, class_maps, outside_share, thorax_masks, validation_outside_share
+from training.cam_prior import (
+    FeaturesAndLogits,
+    class_maps,
+    lung_model,
+    outside_share,
+    thorax_masks,
+    validation_outside_share,
+)
 from training.data import (
     NIH_64PX_DIR,
     UNCERTAIN_POLICIES,
@@ -294,9 +301,7 @@ def main(argv: list[str] | None = None) -> Path:
     if args.cam_prior:
         if crop is not None:
             raise SystemExit("--cam-prior needs the film's own frame: not with --crop")
-        segmenter = default_segmenter()
-        if segmenter is None:
-            raise SystemExit("--cam-prior needs the lung model (checkpoints/lungseg-efficientnet-lite0)")
+        segmenter = lung_model()
         m_train = thorax_masks(train, args.input_size, args.cam_prior_shape, segmenter)
         m_val = thorax_masks(val, args.input_size, args.cam_prior_shape, segmenter)
         cam_prior = {"weight": args.cam_prior, "shape": args.cam_prior_shape, "lung_model": segmenter.card.name,
