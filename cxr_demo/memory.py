@@ -17,6 +17,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -151,3 +152,57 @@ def with_torch_threads(n: int):
                 return fn(*args, **kwargs)
         return wrapper
     return decorate
+
+
+# How much lower the heatmap lane's scheduling priority is than /predict's (a nice increment, Linux; 0: the same).
+# A heatmap (~0.15-0.3 s of CPU, a Score-CAM minutes) and a /predict share 2 cores; a /predict is what a person
+# waits for, so when both want a core the /predict gets it (at +10, CFS gives a niced thread about a tenth of the
+# CPU against an un-niced one; alone, a niced thread runs at full speed). Measured with bench.load: docs/bench/load-nice{0,5,10}-cpu2.md.
+HEATMAP_NICE = max(0, min(19, int(os.environ.get("CXR_DEMO_HEATMAP_NICE", "10") or 0)))
+
+
+class NicedThreads:
+    """Run calls in worker threads of their own whose scheduling priority is lowered by ``nice``.
+
+    On Linux the nice value belongs to each thread, and threads a thread starts inherit it: so the OpenMP team
+    that PyTorch starts for a worker thread's first parallel region runs niced too, while Gradio's own worker
+    threads (``/predict``) keep the process's priority. Raising a nice value needs no privilege; lowering it again
+    would, which is why the lane has threads of its own rather than niceing Gradio's shared ones for a call.
+    Context variables (Gradio's request and progress context) travel with each call; exceptions are re-raised in
+    the caller. Where the priority cannot be changed (another platform) the calls run at normal priority, logged once.
+    """
+
+    def __init__(self, workers: int, nice: int, name: str) -> None:
+        import concurrent.futures
+
+        self.nice = nice
+        self.name = name
+        self._warned = False
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name,
+                                                           initializer=self._lower_priority)
+
+    def _lower_priority(self) -> None:
+        if self.nice <= 0:
+            return
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + self.nice))
+        except (OSError, AttributeError) as e:
+            if not self._warned:
+                log.warning("could not lower the priority of the %s threads (%s): they run at normal priority",
+                            self.name, type(e).__name__)
+                self._warned = True
+
+    def run(self, fn: Callable, *args, **kwargs):
+        """``fn(*args, **kwargs)`` in one of the niced threads, waited for."""
+        import contextvars
+
+        context = contextvars.copy_context()
+        return self._pool.submit(context.run, functools.partial(fn, *args, **kwargs)).result()
+
+    def runs(self, fn: Callable) -> Callable:
+        """Decorator: every call of ``fn`` runs in this pool."""
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            return self.run(fn, *args, **kwargs)
+        return wrapper

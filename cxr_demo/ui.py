@@ -29,7 +29,7 @@ from cxr_demo.card import OPERATING_POINT_HELP, ModelCard
 from cxr_demo.groundtruth import boxed_findings, default_examples
 from cxr_demo.images import IMAGE_SUFFIXES, XRay
 from cxr_demo.labels import display_name
-from cxr_demo.memory import HEATMAP_THREADS, with_torch_threads
+from cxr_demo.memory import HEATMAP_NICE, HEATMAP_THREADS, NicedThreads, with_torch_threads
 from cxr_demo.ood import measurement as ood_measurement
 from cxr_demo.ood import rate_text
 from cxr_demo.overlay import OUTLINE_COLOUR, PRED_COLOUR, TRUTH_COLOUR, colour_bar_css
@@ -55,6 +55,9 @@ PREDICT_SLOTS, HEATMAP_SLOTS = 1, 2
 # call CXR_DEMO_HEATMAP_THREADS (cxr_demo.memory; 0, the default: the same).
 PREDICT_THREADS = torch.get_num_threads()
 HEATMAP_LANE_THREADS = HEATMAP_THREADS or PREDICT_THREADS
+# The heatmap lane's calls run in threads of their own at a lower scheduling priority (cxr_demo.memory.HEATMAP_NICE):
+# when a heatmap and a /predict both want a core, the /predict gets it. One spare thread beyond the lane's slots.
+HEATMAP_POOL = NicedThreads(HEATMAP_SLOTS + 1, HEATMAP_NICE, "heatmap-lane")
 # (every, older than) seconds: an overlay is a whole radiograph; it is fetched within seconds of being made.
 CACHE_CLEANING = (60, 120)
 # seconds a result stays once it has been delivered (DeliveredResults): time for the page to draw it
@@ -419,6 +422,7 @@ class Handlers:
         return pred.document, findings_html(pred.document)
 
     @user_errors_as_gr_error
+    @HEATMAP_POOL.runs
     @with_torch_threads(HEATMAP_LANE_THREADS)
     def report(self, path: str | None, model_name: str, operating_point: str, finding: str | None = None,
                method: str = "default", ground_truth_box: str = "", state: XRay | None = None,
@@ -436,6 +440,7 @@ class Handlers:
         return write_report(pdf, pred.card.name)
 
     @user_errors_as_gr_error
+    @HEATMAP_POOL.runs
     @with_torch_threads(HEATMAP_LANE_THREADS)
     def explain(self, path: str | None, model_name: str, finding: str | None, method: str, ground_truth_box: str = "",
                 opacity: float = 0.5, box_threshold: float = 0.0, prior: str = "default", lung_outline: bool = False,
@@ -458,6 +463,7 @@ class Handlers:
                             "default", False, state, request)
 
     @user_errors_as_gr_error
+    @HEATMAP_POOL.runs
     @with_torch_threads(HEATMAP_LANE_THREADS)
     def compare(self, path: str | None, operating_point: str, model_name: str | None = None,
                 state: XRay | None = None, progress=gr.Progress(), request: gr.Request | None = None

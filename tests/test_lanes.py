@@ -3,8 +3,10 @@ heatmap methods that step aside for interactive work."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -35,17 +37,25 @@ def small_zoo():
 def test_predict_is_answered_while_a_heatmap_is_still_running(small_zoo, monkeypatch, tmp_path):
     """Before the lanes, every endpoint shared one queue slot: a /predict sent during a minutes-long Score-CAM
     waited for it. Here the heatmap blocks until the test releases it."""
+    from cxr_demo.memory import HEATMAP_NICE
     from cxr_demo.ui import build_demo, configure_queue, launch_kwargs
 
     started, release = threading.Event(), threading.Event()
-    real_explain = DemoService.explain
+    real_explain, real_predict = DemoService.explain, DemoService.predict
+    nice: dict[str, int] = {}
 
     def held_explain(self, *args, **kwargs):
+        nice["explain"] = _my_nice()
         started.set()
         release.wait(timeout=120)
         return real_explain(self, *args, **kwargs)
 
+    def seen_predict(self, *args, **kwargs):
+        nice["predict"] = _my_nice()
+        return real_predict(self, *args, **kwargs)
+
     monkeypatch.setattr(DemoService, "explain", held_explain)
+    monkeypatch.setattr(DemoService, "predict", seen_predict)
     demo = configure_queue(build_demo(small_zoo, examples=[]))
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
                             **launch_kwargs(demo))
@@ -68,12 +78,68 @@ def test_predict_is_answered_while_a_heatmap_is_still_running(small_zoo, monkeyp
             waited = time.perf_counter() - t0
             assert heatmap.is_alive(), "the heatmap finished before /predict was answered: nothing was tested"
             assert out[0]["model"] == SMALL and waited < 30
+            # the heatmap ran at a lower scheduling priority than /predict (the process's own)
+            assert nice == {"explain": _process_nice() + HEATMAP_NICE, "predict": _process_nice()}, nice
             release.set()
             heatmap.join(timeout=120)
             assert not failed
     finally:
         release.set()
         demo.close()
+
+
+def _my_nice() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+def _process_nice() -> int:
+    return os.getpriority(os.PRIO_PROCESS, os.getpid())
+
+
+def _task_nice() -> dict[int, int]:
+    """Nice value of every thread of this process (/proc/self/task/TID/stat, field 19)."""
+    out = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            out[int(task.name)] = int(task.joinpath("stat").read_text().rsplit(")", 1)[1].split()[16])
+        except (OSError, IndexError, ValueError):
+            pass  # a thread that ended meanwhile
+    return out
+
+
+def test_niced_threads_lower_their_priority_and_that_of_the_openmp_team_they_start():
+    """The heatmap lane's threads run at +nice, and so do the threads PyTorch starts for them (OpenMP workers
+    inherit their parent thread's nice value), while the caller keeps its own; context variables and exceptions
+    travel with each call."""
+    import contextvars
+
+    from cxr_demo.memory import NicedThreads, torch_threads
+
+    if not hasattr(os, "setpriority") or not Path("/proc/self/task").is_dir():
+        pytest.skip("needs Linux (per-thread nice values)")
+    pool = NicedThreads(1, 5, "test-niced")
+    base = _my_nice()
+    before = set(_task_nice())
+    var = contextvars.ContextVar("var", default="unset")
+    var.set("caller's")
+
+    def work():
+        with torch_threads(2):
+            a = torch.randn(256, 256)
+            for _ in range(20):  # parallel regions: this thread's OpenMP team is started (and niced)
+                a = torch.tanh(a @ a / 256)
+        return _my_nice(), var.get()
+
+    assert pool.run(work) == (min(19, base + 5), "caller's")
+    assert _my_nice() == base  # the caller is untouched
+    niced = [tid for tid, n in _task_nice().items() if tid not in before and n == min(19, base + 5)]
+    assert len(niced) >= 2, _task_nice()  # the pool's thread and at least one OpenMP worker it started
+
+    def fail():
+        raise ValueError("bad input")
+
+    with pytest.raises(ValueError, match="bad input"):
+        pool.run(fail)
 
 
 def test_heatmaps_run_on_their_own_copy_of_the_model(small_zoo):
