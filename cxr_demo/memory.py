@@ -170,18 +170,25 @@ class NicedThreads:
     would, which is why the lane has threads of its own rather than niceing Gradio's shared ones for a call.
     Context variables (Gradio's request and progress context) travel with each call; exceptions are re-raised in
     the caller. Where the priority cannot be changed (another platform) the calls run at normal priority, logged once.
+    ``torch_threads``: the intra-op thread count of the pool's threads, set once as each starts (no other lane's
+    call ever runs in them, so nothing needs restoring).
     """
 
-    def __init__(self, workers: int, nice: int, name: str) -> None:
+    def __init__(self, workers: int, nice: int, name: str, torch_threads: int | None = None) -> None:
         import concurrent.futures
 
         self.nice = nice
         self.name = name
+        self.torch_threads = torch_threads
         self._warned = False
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name,
                                                            initializer=self._lower_priority)
 
     def _lower_priority(self) -> None:
+        if self.torch_threads is not None:  # these threads serve this pool only: set once, not per call
+            import torch
+
+            torch.set_num_threads(max(1, self.torch_threads))
         if self.nice <= 0:
             return
         try:

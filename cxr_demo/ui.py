@@ -50,14 +50,15 @@ QUEUE_MAX_SIZE = 32
 # /predicts at a time starved the heatmaps under load (README, Speed).
 PREDICT_LANE, HEATMAP_LANE = "predict", "heatmap"
 PREDICT_SLOTS, HEATMAP_SLOTS = 1, 2
-# Intra-op threads per call, set and restored by each call (Gradio reuses its worker threads across lanes): a
-# /predict every core the process has (read here, in the importing thread, before any request), a heatmap-lane
-# call CXR_DEMO_HEATMAP_THREADS (cxr_demo.memory; 0, the default: the same).
+# Intra-op threads: a /predict every core the process has (read here, in the importing thread, before any request),
+# set and restored by each call (Gradio reuses its worker threads); the heatmap lane's own threads
+# CXR_DEMO_HEATMAP_THREADS (cxr_demo.memory; 0, the default: the same), set once as each starts.
 PREDICT_THREADS = torch.get_num_threads()
 HEATMAP_LANE_THREADS = HEATMAP_THREADS or PREDICT_THREADS
-# The heatmap lane's calls run in threads of their own at a lower scheduling priority (cxr_demo.memory.HEATMAP_NICE):
-# when a heatmap and a /predict both want a core, the /predict gets it. One spare thread beyond the lane's slots.
-HEATMAP_POOL = NicedThreads(HEATMAP_SLOTS + 1, HEATMAP_NICE, "heatmap-lane")
+# The heatmap lane's calls run in threads of their own at a lower scheduling priority (cxr_demo.memory.HEATMAP_NICE),
+# each with HEATMAP_LANE_THREADS intra-op threads: when a heatmap and a /predict both want a core, the /predict gets it.
+# One spare thread beyond the lane's slots.
+HEATMAP_POOL = NicedThreads(HEATMAP_SLOTS + 1, HEATMAP_NICE, "heatmap-lane", torch_threads=HEATMAP_LANE_THREADS)
 # (every, older than) seconds: an overlay is a whole radiograph; it is fetched within seconds of being made.
 CACHE_CLEANING = (60, 120)
 # seconds a result stays once it has been delivered (DeliveredResults): time for the page to draw it
@@ -423,7 +424,6 @@ class Handlers:
 
     @user_errors_as_gr_error
     @HEATMAP_POOL.runs
-    @with_torch_threads(HEATMAP_LANE_THREADS)
     def report(self, path: str | None, model_name: str, operating_point: str, finding: str | None = None,
                method: str = "default", ground_truth_box: str = "", state: XRay | None = None,
                request: gr.Request | None = None) -> str:
@@ -441,7 +441,6 @@ class Handlers:
 
     @user_errors_as_gr_error
     @HEATMAP_POOL.runs
-    @with_torch_threads(HEATMAP_LANE_THREADS)
     def explain(self, path: str | None, model_name: str, finding: str | None, method: str, ground_truth_box: str = "",
                 opacity: float = 0.5, box_threshold: float = 0.0, prior: str = "default", lung_outline: bool = False,
                 state: XRay | None = None, request: gr.Request | None = None):
@@ -464,7 +463,6 @@ class Handlers:
 
     @user_errors_as_gr_error
     @HEATMAP_POOL.runs
-    @with_torch_threads(HEATMAP_LANE_THREADS)
     def compare(self, path: str | None, operating_point: str, model_name: str | None = None,
                 state: XRay | None = None, progress=gr.Progress(), request: gr.Request | None = None
                 ) -> tuple[str, dict]:

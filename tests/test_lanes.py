@@ -38,14 +38,16 @@ def test_predict_is_answered_while_a_heatmap_is_still_running(small_zoo, monkeyp
     """Before the lanes, every endpoint shared one queue slot: a /predict sent during a minutes-long Score-CAM
     waited for it. Here the heatmap blocks until the test releases it."""
     from cxr_demo.memory import HEATMAP_NICE
-    from cxr_demo.ui import build_demo, configure_queue, launch_kwargs
+    from cxr_demo.ui import HEATMAP_LANE_THREADS, build_demo, configure_queue, launch_kwargs
 
     started, release = threading.Event(), threading.Event()
     real_explain, real_predict = DemoService.explain, DemoService.predict
     nice: dict[str, int] = {}
+    lane_threads: list[int] = []
 
     def held_explain(self, *args, **kwargs):
         nice["explain"] = _my_nice()
+        lane_threads.append(torch.get_num_threads())
         started.set()
         release.wait(timeout=120)
         return real_explain(self, *args, **kwargs)
@@ -80,6 +82,7 @@ def test_predict_is_answered_while_a_heatmap_is_still_running(small_zoo, monkeyp
             assert out[0]["model"] == SMALL and waited < 30
             # the heatmap ran at a lower scheduling priority than /predict (the process's own)
             assert nice == {"explain": _process_nice() + HEATMAP_NICE, "predict": _process_nice()}, nice
+            assert lane_threads == [HEATMAP_LANE_THREADS]  # the heatmap lane's intra-op threads, set as it started
             release.set()
             heatmap.join(timeout=120)
             assert not failed
