@@ -20,6 +20,7 @@ from typing import Any
 import gradio as gr
 import numpy as np
 import torch
+from gradio.utils import get_upload_folder
 from PIL import Image
 
 from cxr_demo import INTENDED_USE, calibration
@@ -356,7 +357,7 @@ class Handlers:
         self.zoo = zoo
         self.examples = list(examples)
         self.service = DemoService(zoo)
-        self.store = UploadStore({Path(p).name for p in examples})
+        self.store = UploadStore(kept=lambda: kept_files(self.demo) if self.demo is not None else set())
         self.demo: gr.Blocks | None = None  # set by build_demo: long work asks its queue whether the client has gone
 
     def model_info(self, name: str | None):
@@ -692,6 +693,33 @@ def kept_files(demo: gr.Blocks) -> set[str]:
     return keep
 
 
+def delete_empty_folders(root: Path, age_s: float | None) -> int:
+    """Delete the folders directly under Gradio's temp folder ``root`` that are empty and have not changed for
+    ``age_s`` seconds (all empty ones when None); returns how many went.
+
+    Gradio files each upload and each result in a folder named by the sha256 of its content and makes it with
+    ``mkdir(exist_ok=True)`` just before moving the file in. A request-time ``rmdir`` races with another request
+    for the same content (a 500 on the upload: the folder went between its ``mkdir`` and the move), so a file's
+    folder is left when the file is deleted and goes here, minutes later, once nothing has been put in it since
+    (adding or removing a file updates a folder's mtime)."""
+    now, gone = time.time(), 0
+    try:
+        children = list(os.scandir(root))
+    except FileNotFoundError:
+        return 0
+    for entry in children:
+        try:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            if age_s is not None and now - entry.stat(follow_symlinks=False).st_mtime <= age_s:
+                continue
+            os.rmdir(entry.path)  # fails when not empty
+            gone += 1
+        except OSError:
+            pass  # not empty, or gone meanwhile
+    return gone
+
+
 def delete_old_files(demo: gr.Blocks, age_s: float | None) -> int:
     """Delete the files Gradio made for ``demo`` (overlays, reports' served copies, cached uploads) older than
     ``age_s`` seconds by ctime (all when None), except those a component keeps (the example films); returns how
@@ -742,6 +770,7 @@ class ResultCleaner:
                 gone = delete_old_files(self.demo, self.age_s)
                 if gone:
                     log.info("deleted %d temporary files older than %.0f s", gone, self.age_s)
+                delete_empty_folders(Path(get_upload_folder()), self.age_s)
             except Exception as e:  # noqa: BLE001 - the next round tries again
                 log.error("cleaning temporary files failed: %s", type(e).__name__)
 
@@ -755,8 +784,7 @@ def written_ns(name: str) -> int | None:
 
 
 def delete_result(demo: gr.Blocks, name: str, delivered_ns: int | None = None) -> bool:
-    """Delete one temporary file of ``demo`` (not a kept one) and its folder when that is left empty; True when
-    it went. With ``delivered_ns`` (when the delivered file had been written), a file written again since is left:
+    """Delete one temporary file of ``demo`` (not a kept one); True when it went. With ``delivered_ns`` (when the delivered file had been written), a file written again since is left:
     Gradio names a result by its content, so the same film analysed the same way again (another client, or the
     same one twice) is the same path, rewritten for an answer whose client has not fetched it yet."""
     if name in kept_files(demo):
@@ -772,10 +800,8 @@ def delete_result(demo: gr.Blocks, name: str, delivered_ns: int | None = None) -
         return False
     for temp_set in list(demo.temp_file_sets):
         temp_set.discard(name)
-    try:
-        os.rmdir(Path(name).parent)  # Gradio files each result in a folder named by its content hash
-    except OSError:
-        pass
+    # Its folder (named by the content hash) stays for ResultCleaner: another request writing the same result
+    # may have just made it and be about to write into it.
     return True
 
 

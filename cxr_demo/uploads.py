@@ -8,7 +8,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from gradio.utils import get_upload_folder
@@ -215,13 +215,10 @@ class UploadGuard:
             rate.charge(who, received - rate.min_charge)
         # Gradio moves the files into place in background work that may end after the response: look for them
         # a few times (the client has its 413 already).
+        # The content-hash folder is left for ResultCleaner (see UploadStore.discard).
         for attempt in range(20):
             for p in stored:
                 Path(p).unlink(missing_ok=True)
-                try:
-                    Path(p).parent.rmdir()
-                except OSError:
-                    pass
             if attempt >= 4 and not any(Path(p).exists() for p in stored):
                 break
             await asyncio.sleep(0.25)
@@ -233,7 +230,9 @@ class UploadStore:
     The decoded image lives on in the browser session's ``gr.State`` (the UI's predict, explain and
     compare reuse it); an API call decodes its own upload and leaves nothing behind. Only files inside
     Gradio's upload folder are deleted, never an example image's cached copy (clicking the example
-    again must work).
+    again must work): ``kept`` gives those copies' paths (the app's :func:`~cxr_demo.ui.kept_files`). An upload
+    is told from them by its path, not its name: a film uploaded under an example's name is a patient's film
+    and goes like any other.
 
     Gradio stores an upload under a folder named by the sha256 of its bytes, so two requests that send
     the same file at once share one path: the first to finish would delete the other's file. Decoded
@@ -243,32 +242,33 @@ class UploadStore:
     again).
     """
 
-    def __init__(self, example_names: set[str], recent_bytes: int = RECENT_UPLOAD_BYTES,
+    def __init__(self, kept: Callable[[], Iterable[str]] = frozenset, recent_bytes: int = RECENT_UPLOAD_BYTES,
                  recent_seconds: float = RECENT_UPLOAD_SECONDS) -> None:
-        self.example_names = example_names
+        self.kept = kept
         self.recent_bytes = recent_bytes
         self.recent_seconds = recent_seconds
         self._recent: OrderedDict[str, tuple[float, XRay]] = OrderedDict()
         self._lock = threading.Lock()
 
     def _upload_key(self, path: str) -> str | None:
-        """The resolved path of a file in Gradio's upload folder (content-addressed), else None."""
+        """The resolved path of a file in Gradio's upload folder (content-addressed), else None (also for an
+        example film's kept copy)."""
         p = Path(path).resolve()
         cache = Path(get_upload_folder()).resolve()
-        if cache not in p.parents or p.name in self.example_names:
+        if cache not in p.parents or p in {Path(k).resolve() for k in self.kept()}:
             return None
         return str(p)
 
     def discard(self, path: str | None) -> None:
-        """Delete an uploaded file (and its per-upload folder when empty) from Gradio's cache."""
+        """Delete an uploaded file from Gradio's cache.
+
+        Its folder (named by the sha256 of the file's bytes) stays: a request uploading the same file at this
+        moment may be between Gradio's ``mkdir(exist_ok=True)`` of that folder and its move of the file into it,
+        and removing the folder then fails that upload (FileExistsError or FileNotFoundError, a 500). The
+        periodic :class:`~cxr_demo.ui.ResultCleaner` removes folders that have stayed empty for minutes."""
         if not path or self._upload_key(path) is None:
             return
-        p = Path(path).resolve()
-        p.unlink(missing_ok=True)
-        try:
-            p.parent.rmdir()  # Gradio puts each upload in a folder named by its hash
-        except OSError:
-            pass  # not empty or already gone
+        Path(path).resolve().unlink(missing_ok=True)
 
     def _recall(self, key: str) -> XRay | None:
         """A remembered decoded upload; each use keeps it another ``recent_seconds`` (clients sending the

@@ -177,6 +177,8 @@ def test_bad_choices_are_refused(client, model_name, tmp_path, args, expected):
     ("Effusion", "gradcam", "", "abc", 0.0, "opacity must be a number"),
     ("Effusion", "gradcam", "", None, 0.0, "opacity must be a number"),
     ("Effusion", "gradcam", "", 0.5, "abc", "box threshold must be a number"),
+    ("Effusion", "gradcam", "", "nan", 0.0, "opacity must be a number"),
+    ("Effusion", "gradcam", "", 0.5, 1e9, "box threshold must be a number"),
 ])
 def test_bad_explain_arguments_are_refused(client, model_name, tmp_path, finding, method, box, opacity, threshold,
                                            expected):
@@ -289,7 +291,7 @@ def test_upload_store_reuses_a_just_decoded_upload_and_forgets_it(tmp_path, monk
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "x.png"
     Image.fromarray((synthetic_xray(64) * 255).astype(np.uint8)).save(path)
-    store = UploadStore(set(), recent_seconds=60)
+    store = UploadStore(recent_seconds=60)
     first = store.take(str(path), None)
     assert not path.exists() and store.recent_count() == 1
     assert store.take(str(path), None) is first
@@ -303,7 +305,7 @@ def test_upload_store_reuses_a_just_decoded_upload_and_forgets_it(tmp_path, monk
         store.take(str(path), None)
     assert store.recent_count() == 0
     monkeypatch.undo()
-    big = UploadStore(set(), recent_bytes=100)
+    big = UploadStore(recent_bytes=100)
     path.parent.mkdir(exist_ok=True)
     Image.fromarray((synthetic_xray(64) * 255).astype(np.uint8)).save(path)
     big.take(str(path), None)

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from cxr_demo.groundtruth import EXAMPLES_DIR, NIH_BOX_FILE, default_examples, nih_boxes_for
+from cxr_demo.paths import PROJECT_ROOT
 from tests.helpers import NIH
 
 
@@ -79,3 +80,20 @@ def test_a_dicom_that_names_the_nih_image_in_its_tags_finds_its_boxes(tmp_path, 
     assert len(nih_boxes_for(xray.box_name, xray.width, xray.height)) == 1
     plain = read_xray(write_dicom(tmp_path / "plain.dcm", (np.arange(128 * 128).reshape(128, 128) % 977).astype(np.uint16)))
     assert plain.tag_name == "" and plain.box_name == "plain.dcm"
+
+
+def test_the_running_server_serves_the_example_films_and_nothing_beside_them(live_app):
+    """#14 item 9 through the server: ``/gradio_api/file=`` gives an example film, but not another film of the NIH
+    image folder (the folder was allowed before), nor the project's labels or weights."""
+    import httpx
+
+    examples = [Path(p).resolve() for p in default_examples()]
+    assert examples
+    beside = [p for p in sorted((NIH / "images").glob("*.png"))[:50] if p.resolve() not in examples][:2]
+    others = [*beside, examples[0].parent / "labels.csv", PROJECT_ROOT / "app.py",
+              *sorted((PROJECT_ROOT / "checkpoints").glob("*/model.safetensors"))[:1]]
+    with httpx.Client(timeout=60) as http:
+        assert http.get(f"{live_app}gradio_api/file={examples[0]}").status_code == 200
+        for path in others:
+            assert path.is_file(), path
+            assert http.get(f"{live_app}gradio_api/file={path.resolve()}").status_code >= 400, path

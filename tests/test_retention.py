@@ -77,6 +77,34 @@ def test_requests_leave_no_empty_temp_files(live_app, tmp_path):
     assert empty_files() - before == set()
 
 
+def test_an_upload_named_like_an_example_film_is_deleted_like_any_other(live_demo, tmp_path):
+    """Example films' cached copies were told from uploads by their file name, so a patient's film uploaded as
+    ``00013118_008.png`` stayed in the cache for good. They are told apart by path now: the upload goes once
+    analysed and the example's own copy stays."""
+    import httpx
+
+    from cxr_demo.ui import kept_files
+    from tests.helpers import call_event, write_film
+
+    demo, url = live_demo
+    kept = sorted(kept_files(demo))
+    assert kept, "the live demo keeps its example films cached"
+    film = write_film(tmp_path / Path(kept[0]).name)  # another film under an example's name
+    with httpx.Client(timeout=120) as http:
+        with open(film, "rb") as f:
+            uploaded = http.post(url + "gradio_api/upload", files={"files": (film.name, f)}).json()[0]
+        assert Path(uploaded).name == Path(kept[0]).name and Path(uploaded).is_file()
+        kind, data = call_event(http, url, "predict", [{"path": uploaded, "meta": {"_type": "gradio.FileData"}},
+                                                       "nih14-small-cnn", "f1"])
+        assert kind == "complete", data
+        assert not Path(uploaded).exists(), "a film uploaded under an example's name stayed on disk"
+        assert Path(kept[0]).is_file(), "the example film's kept copy went"
+        kind, data = call_event(http, url, "predict", [{"path": kept[0], "meta": {"_type": "gradio.FileData"}},
+                                                       "nih14-small-cnn", "f1"])
+        assert kind == "complete", data
+        assert Path(kept[0]).is_file(), "analysing the example deleted its kept copy"
+
+
 def test_a_delivered_overlay_goes_after_its_grace_and_examples_stay(live_demo, tmp_path):
     """An overlay (a whole radiograph) is deleted DELIVERED_GRACE_S after it has been fetched once, not two
     minutes after it was made; a second fetch then finds nothing. An example film's cached copy, fetched as
@@ -147,3 +175,84 @@ def test_the_same_answer_for_a_second_request_outlives_the_first_ones_delivery(l
         while server_file.exists() and time.time() < deadline:
             time.sleep(0.5)
         assert not server_file.exists(), "the second delivery did not delete it"
+
+
+def _gradio_moves_in(folder: Path, name: str, source: Path) -> Path:
+    """What Gradio 6.31's upload route (and its result writers) do with a content-hash folder: make it with
+    ``mkdir(exist_ok=True)``, then move the file in."""
+    folder.mkdir(exist_ok=True, parents=True)
+    dest = folder / name
+    os.rename(source, dest)
+    return dest
+
+
+def test_a_deleted_upload_or_result_leaves_its_folder_to_a_request_for_the_same_content(tmp_path, monkeypatch):
+    """Two clients sending the same film share Gradio's folder named by its sha256. Deleting the first one's upload
+    (or a delivered result) used to remove that folder too, and a second upload caught between Gradio's
+    ``mkdir(exist_ok=True)`` and its move failed with a 500 (FileExistsError: the folder existed when mkdir tried,
+    and was gone when it looked again; seen once in test_simultaneous_requests_with_the_same_file_all_succeed).
+    The folder now stays; ResultCleaner removes it once it has been empty for minutes."""
+    import gradio as gr
+
+    from cxr_demo.ui import delete_result
+    from cxr_demo.uploads import UploadStore
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
+    incoming = tmp_path / "incoming.png"
+
+    upload_folder = cache / ("a" * 64)
+    incoming.write_bytes(b"film")
+    first = _gradio_moves_in(upload_folder, "film.png", incoming)
+    UploadStore().discard(str(first))
+    assert not first.exists(), "the decoded upload is deleted at once"
+    assert upload_folder.is_dir(), "the upload's folder went with it: a concurrent upload of the same film fails"
+    incoming.write_bytes(b"film")
+    assert _gradio_moves_in(upload_folder, "film.png", incoming).is_file()
+
+    result_folder = cache / ("b" * 64)
+    incoming.write_bytes(b"overlay")
+    overlay = _gradio_moves_in(result_folder, "image.webp", incoming)
+    with gr.Blocks() as demo:
+        gr.Markdown("x")
+    assert delete_result(demo, str(overlay))
+    assert not overlay.exists()
+    assert result_folder.is_dir(), "a delivered result's folder went with it: the same result written now fails"
+
+
+def test_the_cleaner_removes_folders_empty_for_its_age_and_nothing_else(tmp_path):
+    from cxr_demo.ui import delete_empty_folders
+
+    old = time.time() - 600
+    empty_old, empty_young, full_old = tmp_path / "empty-old", tmp_path / "empty-young", tmp_path / "full-old"
+    for folder in (empty_old, empty_young, full_old):
+        folder.mkdir()
+    (full_old / "film.png").write_bytes(b"film")
+    (tmp_path / "loose-file").write_bytes(b"x")
+    for path in (empty_old, full_old):
+        os.utime(path, (old, old))
+    assert delete_empty_folders(tmp_path, age_s=120) == 1
+    assert not empty_old.exists()
+    assert empty_young.is_dir() and (full_old / "film.png").is_file() and (tmp_path / "loose-file").is_file()
+    assert delete_empty_folders(tmp_path, age_s=None) == 1, "None: every empty folder, whatever its age"
+    assert not empty_young.exists() and full_old.is_dir()
+    assert delete_empty_folders(tmp_path / "gone", age_s=None) == 0
+
+
+def test_the_running_cleaner_removes_empty_folders(tmp_path, monkeypatch):
+    import gradio as gr
+
+    from cxr_demo.ui import ResultCleaner
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    (tmp_path / ("c" * 64)).mkdir()
+    with gr.Blocks() as demo:
+        gr.Markdown("x")
+    cleaner = ResultCleaner(demo, every_s=0.05, age_s=0).start()
+    try:
+        deadline = time.time() + 10
+        while (tmp_path / ("c" * 64)).exists() and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        cleaner.stop()
+    assert not (tmp_path / ("c" * 64)).exists()
