@@ -246,3 +246,38 @@ def test_space_front_matter_lists_and_preloads_the_pinned_models(tmp_path):
     repo, files, commit = meta["preload_from_hub"][0].split(" ")
     assert repo == "org/m0" and "model.safetensors" in files.split(",") and commit == "0" * 40
     assert "# Chest X-ray model zoo and demo" in readme.read_text()
+
+
+def test_a_shipped_model_from_the_hub_must_carry_its_pinned_weights(tmp_path, caplog):
+    """#14 item 10 for the Hub: a repo at ``main`` carrying one of the project's models with card and weights
+    changed together loaded silently (only the local zoo was held to the pins). A shipped model's name is now held
+    to cxr_demo/pinned_weights.json from any source; the deployer's own models load, with a log line naming the
+    commit a moving revision resolved to."""
+    import logging
+
+    from cxr_demo.models import sha256_file
+
+    name = "nih14-small-cnn"
+    published = tmp_path / "published"
+    shutil.copytree(DEFAULT_CHECKPOINTS / name, published)
+    publish_to_cache(f"org/{name}", C1, published)
+    assert Zoo(ZooSource(tmp_path, (HubModel(f"org/{name}"),))).names == [name], "the shipped weights load"
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(DEFAULT_CHECKPOINTS / name, tampered)
+    _scaled_weights(tampered, 1.5)
+    card = read_card(tampered)
+    card.sha256 = sha256_file(tampered / "model.safetensors")
+    write_card(card, tampered)
+    publish_to_cache(f"org/{name}", C2, tampered)  # refs/main now says C2
+    zoo = Zoo(ZooSource(tmp_path, (HubModel(f"org/{name}"),)))
+    assert zoo.names == [] and "pinned" in zoo.problems[name]
+
+    publish_to_cache("org/own", C1, make_checkpoint(tmp_path / "own", name="own"))
+    with caplog.at_level(logging.WARNING, logger="cxr_demo.zoo"):
+        assert Zoo(ZooSource(tmp_path, (HubModel("org/own"),))).names == ["own"]
+    assert any("not pinned to a commit" in r.getMessage() and C1 in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cxr_demo.zoo"):
+        assert Zoo(ZooSource(tmp_path, (HubModel("org/own", C1),))).names == ["own"]
+    assert not any("not pinned" in r.getMessage() for r in caplog.records)
