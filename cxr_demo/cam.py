@@ -8,7 +8,8 @@ its hooks on the module: a shared model must not run two CAMs at once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,15 +123,22 @@ def reshape_for(model: torch.nn.Module, architecture: str) -> Callable[[torch.Te
     return None
 
 
+# Set around a slow heatmap by whoever shows its progress (the app: Gradio's progress bar): called with the loop
+# over batches of forward passes that pytorch-grad-cam would wrap in tqdm, and ``desc``; returns the loop to run.
+CAM_PROGRESS: ContextVar[Callable[..., Iterable] | None] = ContextVar("cam_progress", default=None)
+
+
 class _QuietTqdm:
     """Stands in for the ``tqdm`` module inside pytorch-grad-cam's Score-CAM and Ablation-CAM, whose loops draw a
     progress bar on the server's stderr on every call (no option turns it off): a log line per batch of every
     heatmap, and a server whose stderr is a pipe nobody drains blocks in the middle of a heatmap, for good (seen
-    in bench.load: the slow heatmap hung after ~20 minutes). The app reports progress through Gradio instead."""
+    in bench.load: the slow heatmap hung after ~20 minutes). The loop goes to :data:`CAM_PROGRESS` instead (the
+    app's progress bar counts its batches), or runs as it is."""
 
     @staticmethod
     def tqdm(iterable=None, *args, **kwargs):
-        return iterable
+        show = CAM_PROGRESS.get()
+        return iterable if show is None or iterable is None else show(iterable, desc="batches of forward passes")
 
 
 def quiet_cam_progress() -> None:

@@ -6,13 +6,14 @@ Uploads are decoded by ``cxr_demo.uploads``; the Gradio layer (``cxr_demo.ui``) 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from cxr_demo import calibration
 from cxr_demo.boxes import IMAGE_FREE_SOURCES, best_match, chest_frame, finding_boxes, match_truth, predicted_boxes
 from cxr_demo.cam import (
     CAM_LABELS,
+    CAM_PROGRESS,
     SLOW_CAM_METHODS,
     explain_settings,
     heatmap_and_logits,
@@ -116,6 +118,11 @@ class Prediction:
 
 SLOW_HEATMAP_BUSY = ("Another slow heatmap (Score-CAM or Ablation-CAM) is being computed on this server right now; "
                      "only one runs at a time. Try again in a few minutes, or choose a fast method such as Grad-CAM.")
+
+
+def _labelled_progress(progress: Callable[..., Iterable], method: str, loop: Iterable, desc: str) -> Iterable:
+    """Hand a slow heatmap's loop to ``progress`` (``gr.Progress().tqdm``) under the method's name."""
+    return progress(loop, desc=f"{method}: {desc}")
 
 
 class InteractiveFirst:
@@ -354,6 +361,7 @@ class DemoService:
         prior: str | None = "default",
         lung_outline: bool = False,
         client_gone: Callable[[], bool] | None = None,
+        progress: Callable[..., Iterable] | None = None,
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """Heatmap overlay and box agreement for one finding.
 
@@ -365,7 +373,9 @@ class DemoService:
         its boxes to the thorax found by the lung-field model (``"default"``: the shape the study chose for this
         model, ``"off"``, or a shape of :data:`cxr_demo.cam.PRIOR_LABELS`); ``lung_outline`` draws the lungs.
         ``client_gone``: asked before every step of a slow heatmap; once it answers True the heatmap stops with
-        :class:`ClientGone` (the slow slot is free again within one step, not minutes later).
+        :class:`ClientGone` (the slow slot is free again within one step, not minutes later). ``progress``
+        (``gr.Progress().tqdm`` in the app) is handed a slow heatmap's loop over its batches of forward passes,
+        so a progress bar can count them.
         """
         card = self.zoo.card(model_name)
         finding = choice_text(finding, "finding")
@@ -394,11 +404,14 @@ class DemoService:
             # /predict; a second one is refused at once instead of taking the other slot.
             if not self._slow_heatmap_lock.acquire(blocking=False):
                 raise ChoiceError(SLOW_HEATMAP_BUSY)
+            shown = CAM_PROGRESS.set(None if progress is None else functools.partial(
+                _labelled_progress, progress, CAM_LABELS[settings.method].replace(" (slow)", "")))
             try:
                 heat, logits, index = heatmap_and_logits(self.zoo.heatmap_model(card.name, "slow"), card, x, requested,
                                                          settings.method, layer=settings.layer,
                                                          pause=self._slow_step(client_gone))
             finally:
+                CAM_PROGRESS.reset(shown)
                 self._slow_heatmap_lock.release()
         else:
             with self._heatmap_lock:

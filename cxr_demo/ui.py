@@ -444,23 +444,25 @@ class Handlers:
     @HEATMAP_POOL.runs
     def explain(self, path: str | None, model_name: str, finding: str | None, method: str, ground_truth_box: str = "",
                 opacity: float = 0.5, box_threshold: float = 0.0, prior: str = "default", lung_outline: bool = False,
-                state: XRay | None = None, request: gr.Request | None = None):
+                state: XRay | None = None, progress=gr.Progress(), request: gr.Request | None = None):
         """Heatmap overlay for one finding, its box, and IoU/IoBB against ground truth when there is one; the
-        heatmap restricted to the chest (anatomical prior) and the lungs outlined on request."""
+        heatmap restricted to the chest (anatomical prior) and the lungs outlined on request. A slow method (when
+        the server allows them) shows its batches of forward passes done in Gradio's progress bar, not only the
+        queue's guess from earlier calls."""
         if finding in ("", MOST_PROBABLE):
             finding = None
         overlay, doc = self.service.explain(self.store.take(path, state, who(request)), model_name, finding, method,
                                             ground_truth_box, opacity, box_threshold, prior, lung_outline,
-                                            client_gone=client_gone_check(self.demo, request))
+                                            client_gone=client_gone_check(self.demo, request), progress=progress.tqdm)
         return overlay, doc, explain_markdown(doc)
 
     def explain_studied_prior(self, path: str | None, model_name: str, finding: str | None, method: str,
                               ground_truth_box: str = "", opacity: float = 0.5, box_threshold: float = 0.0,
-                              state: XRay | None = None, request: gr.Request | None = None):
+                              state: XRay | None = None, progress=gr.Progress(), request: gr.Request | None = None):
         """``/explain`` as it was before the anatomical prior (seven values): the model's studied prior, no
         outline, so HTTP callers that send every value keep working; ``/explain_prior`` takes both."""
         return self.explain(path, model_name, finding, method, ground_truth_box, opacity, box_threshold,
-                            "default", False, state, request)
+                            "default", False, state=state, progress=progress, request=request)
 
     @user_errors_as_gr_error
     @HEATMAP_POOL.runs
