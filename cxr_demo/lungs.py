@@ -53,6 +53,13 @@ VIEWS = {"upside_down": lambda a: a[..., ::-1, ::-1]}
 # units) the film is called inverted. The physical boundary (0), not a fitted value; docs/lungs/chest_check*.json
 # measure it on two samples.
 MAX_LUNG_CONTRAST = 0.0
+# An upright pair of lungs is at its widest through the middle third of its height: the lowest lung width per row
+# there, as a share of the widest row ("row_gap" of LungResult.anatomy), is 0.85 on a median NIH film. Photographs
+# on which the lung model finds two blobs side by side (a face, a cat, a cup) narrow there. Below this share the
+# film is not called a chest film: the 1st percentile of chest films' train/validation data (NIH, Kermany, COVID-19
+# collection; the lowest of the three), fitted by `python -m training.lungseg --fit-row-fill` into
+# docs/lungs/row_fill.json (a test keeps the two equal); docs/lungs/chest_check*.json measure it on other films.
+MIN_ROW_FILL = 0.45
 # How many films' lung results the segmenter keeps in memory (masks and confidences, never pixels), so that a film
 # sent to a second model, compared or explained is not segmented again.
 CACHE_SIZE = 32
@@ -250,12 +257,16 @@ class LungResult:
 
     def chest_problem(self) -> str | None:
         """Why this does not look like an upright frontal chest film (None: it does), from the lungs alone.
-        The rules and their margins are fixed, not fitted; docs/lungs/chest_check.json measures them."""
+        The rules and their margins are fixed, except the lung-shape threshold (:data:`MIN_ROW_FILL`), fitted on
+        train/validation chest films only; docs/lungs/chest_check*.json measure them."""
         if not self.found():
             return "no lung fields were found in it"
         a = self.anatomy()
         if a["column_gap"] > a["row_gap"] or a["column_gap"] > MAX_COLUMN_GAP:
             return "the lung model did not find two lungs side by side (is the film rotated?)"
+        if a["row_gap"] < MIN_ROW_FILL:
+            return ("what the lung model found narrows through the middle of its height, unlike a pair of lungs "
+                    "(a photograph or a drawing?)")
         if a.get("confidence_upside_down", 0.0) > a["confidence"] + VIEW_MARGIN:
             return "it looks upside down (the lung model is surer of the film turned by 180 degrees)"
         if a.get("lung_contrast", -1.0) > MAX_LUNG_CONTRAST:

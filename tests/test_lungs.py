@@ -200,8 +200,8 @@ def test_the_shipped_lung_model_is_pinned_and_loads():
 
 def test_anatomy_check_on_known_masks():
     upright = np.zeros((64, 64), bool)
-    for r in range(8, 56):  # lungs widen from apex (top) to base (bottom)
-        w = 4 + (r - 8) // 3
+    for r in range(8, 56):  # lungs widen from the apex (top), then keep their width down to the base
+        w = min(19, 4 + (r - 8))
         upright[r, 28 - w : 28] = True
         upright[r, 36 : 36 + w] = True
     prob = upright.astype(np.float32)
@@ -217,6 +217,32 @@ def test_anatomy_check_on_known_masks():
     assert "side by side" in LungResult(rotated.astype(np.float32), rotated).chest_problem()
     empty = np.zeros((64, 64), bool)
     assert "no lung fields" in LungResult(empty.astype(np.float32), empty).chest_problem()
+    # two blobs side by side that narrow through the middle of their height (what the lung model finds on some
+    # photographs): not a pair of lungs
+    waisted = upright.copy()
+    waisted[26:38] = False
+    waisted[26:38, 26:28] = waisted[26:38, 36:38] = True
+    assert "narrows through the middle" in LungResult(waisted.astype(np.float32), waisted).chest_problem()
+
+
+def test_the_lung_shape_threshold_is_the_one_fitted_on_chest_films():
+    """MIN_ROW_FILL is the value `python -m training.lungseg --fit-row-fill` wrote from train/validation chest films
+    of the shipped lung model, and the committed chest check measured the rule with it, on held-out photographs too."""
+    import json
+
+    from cxr_demo.lungs import MIN_ROW_FILL, default_lung_folder, read_lung_card
+    from cxr_demo.paths import PROJECT_ROOT
+
+    fit = json.loads((PROJECT_ROOT / "docs" / "lungs" / "row_fill.json").read_text())
+    assert MIN_ROW_FILL == fit["min_row_fill"] > 0
+    assert set(fit["sets"]) >= {"NIH train/val"} and all(v["n"] >= 100 for v in fit["sets"].values())
+    folder = default_lung_folder()
+    if folder is not None:
+        assert fit["weights_sha256"] == read_lung_card(folder).sha256
+    for name in ("chest_check.json", "chest_check-seed1.json"):
+        check = json.loads((PROJECT_ROOT / "docs" / "lungs" / name).read_text())
+        assert f"under {MIN_ROW_FILL} of the widest row" in check["rule"], name
+        assert check["groups"]["held-out photographs (never seen while making the rules)"]["n"] >= 5, name
 
 
 def test_predict_flags_nothing_on_an_image_without_lungs(tmp_path):

@@ -37,6 +37,7 @@ from cxr_demo.lungs import (
     MAX_COLUMN_GAP,
     MAX_LUNG_CONTRAST,
     MIN_LUNG_FRACTION,
+    MIN_ROW_FILL,
     VIEW_MARGIN,
     LungCard,
     LungSegmenter,
@@ -285,6 +286,80 @@ def evaluate(folder: Path, data_root: Path, test_rows: list[dict] | None = None,
     return result
 
 
+ROW_FILL_FILE = paths.PROJECT_ROOT / "docs" / "lungs" / "row_fill.json"
+
+
+def _chest_train_val(data_root: Path) -> dict[str, list[Path]]:
+    """Chest films of the train/validation splits only (never a test film): NIH (official train_val list),
+    Kermany and the COVID-19 collection (their train_val records)."""
+    from training.data import nih_records
+    from training.tasks import load_task
+
+    sets = {"NIH train/val": [r.path for r in nih_records(Path(data_root) / "nih14") if r.split != "test"]}
+    for task in ("kermany2", "covid3"):
+        try:
+            sets[f"{task} train/val"] = [r.path for r in load_task(task, Path(data_root)).records if r.split != "test"]
+        except Exception as e:  # noqa: BLE001 - a missing data set is reported, not fatal
+            log.warning("%s: %s", task, e)
+    return sets
+
+
+def fit_row_fill(folder: Path, data_root: Path, n: int = 1000, seed: int = 2, quantile: float = 0.01,
+                 out: Path | None = None) -> dict:
+    """The lowest share of its widest row an upright pair of lungs keeps through the middle third of its height
+    (``row_gap`` of :meth:`cxr_demo.lungs.LungResult.anatomy`) on chest films: ``n`` train/validation films of each
+    chest data set (seed 2, a sample other than chest_check's), and the rule's threshold, the lowest of the sets'
+    ``quantile`` quantiles rounded down to 0.01. No photograph or test film is used. Writes docs/lungs/row_fill.json;
+    :data:`cxr_demo.lungs.MIN_ROW_FILL` must equal its ``min_row_fill``."""
+    from cxr_demo.images import read_xray
+
+    seg = LungSegmenter(folder)
+    rng = np.random.default_rng(seed)
+    result: dict[str, Any] = {"model": seg.card.name, "weights_sha256": seg.card.sha256, "quantile": quantile,
+                              "sample_seed": seed, "sets": {}}
+    for name, films in _chest_train_val(data_root).items():
+        pick = [films[i] for i in sorted(rng.choice(len(films), min(n, len(films)), replace=False))]
+        fills = np.array([seg.segment(read_xray(p).pixels).anatomy()["row_gap"] for p in pick])
+        result["sets"][name] = {"n": len(pick), "quantiles": {str(q): float(np.quantile(fills, q))
+                                                            for q in (0.005, 0.01, 0.05, 0.5)},
+                                "min": float(fills.min())}
+    result["min_row_fill"] = math.floor(100 * min(v["quantiles"][str(quantile)] for v in result["sets"].values())) / 100
+    result["command"] = f"python -m training.lungseg --fit-row-fill {folder}"
+    out = out or ROW_FILL_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+# Photographs bundled with installed packages that were never looked at while the chest check's rules were made
+# (training.ood's scikit-image set was): gradio's media (a core dependency), scikit-learn's and matplotlib's.
+HELD_OUT_PHOTOS = (
+    ("gradio", "media_assets/images/lion.jpg"), ("gradio", "media_assets/images/cheetah.jpg"),
+    ("gradio", "media_assets/images/cheetah1.jpg"), ("gradio", "media_assets/images/tower.jpg"),
+    ("gradio", "media_assets/images/groot.jpeg"), ("gradio", "test_data/cheetah2.jpg"),
+    ("sklearn", "datasets/images/china.jpg"), ("sklearn", "datasets/images/flower.jpg"),
+    ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+    ("matplotlib", "mpl-data/sample_data/Minduka_Present_Blue_Pack.png"),
+)
+
+
+def held_out_photos() -> list[tuple[str, np.ndarray]]:
+    """(name, [0, 1] grayscale pixels as the app decodes an upload) of :data:`HELD_OUT_PHOTOS` that are installed."""
+    import importlib.util
+
+    from cxr_demo.images import read_xray
+
+    out = []
+    for package, rel in HELD_OUT_PHOTOS:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        path = Path(list(spec.submodule_search_locations)[0]) / rel
+        if path.is_file():
+            out.append((f"{package}/{rel}", read_xray(path).pixels))
+    return out
+
+
 def chest_check(folder: Path, data_root: Path, n: int = 150, out: Path | None = None, seed: int = 0) -> dict:
     """How often the lung-based is-this-a-chest-X-ray check fires: on chest films (NIH train/val films, never
     the official test list; Kermany and COVID-19 films), on the same NIH films inverted, rotated and
@@ -315,9 +390,11 @@ def chest_check(folder: Path, data_root: Path, n: int = 150, out: Path | None = 
     groups["NIH films rotated 90 deg"] = [np.ascontiguousarray(np.rot90(x, 1)) for x in base]
     groups["NIH films rotated 180 deg"] = [np.ascontiguousarray(np.rot90(x, 2)) for x in base]
     groups["NIH films rotated 270 deg"] = [np.ascontiguousarray(np.rot90(x, 3)) for x in base]
-    others = non_xray_images(512)
-    groups["photographs and figures (scikit-image)"] = others["photos"]
-    groups["synthetic patterns (noise, gradients, stripes)"] = others["synthetic"]
+    others = non_xray_images(512)  # uint8, as training.ood feeds models; the segmenter takes [0, 1] like read_xray
+    groups["photographs and figures (scikit-image)"] = [x.astype(np.float32) / 255.0 for x in others["photos"]]
+    groups["synthetic patterns (noise, gradients, stripes)"] = [x.astype(np.float32) / 255.0 for x in others["synthetic"]]
+    held_out = held_out_photos()
+    groups["held-out photographs (never seen while making the rules)"] = [x for _, x in held_out]
     chest = {"NIH train/val films", "kermany2 test films", "covid3 test films",
              "NIH films mirrored left-right (still chest films)"}
     result: dict[str, Any] = {"model": seg.card.name, "weights_sha256": seg.card.sha256, "groups": {}}
@@ -331,12 +408,17 @@ def chest_check(folder: Path, data_root: Path, n: int = 150, out: Path | None = 
             "flagged_rate": float(np.mean(flagged)),
             "by_reason": {r: problems.count(r) for r in sorted({p for p in problems if p})},
             "lung_fraction_quantiles": [float(q) for q in np.quantile(fractions, [0.05, 0.5, 0.95])],
+            "row_fill_quantiles": [float(q) for q in np.quantile([r.anatomy()["row_gap"] for r in results],
+                                                                 [0.01, 0.05, 0.5])],
         }
     result["rule"] = ("flagged when cxr_demo.lungs.LungResult.chest_problem() gives a reason: lungs under "
                       f"{MIN_LUNG_FRACTION} of the image; the lung mask's gap across columns above its gap across "
-                      f"rows or above {MAX_COLUMN_GAP} of its peak (not side by side); the lung model surer by more "
+                      f"rows or above {MAX_COLUMN_GAP} of its peak (not side by side); the lowest lung width per row through the "
+                      f"middle third of the lungs' height under {MIN_ROW_FILL} of the widest row (docs/lungs/row_fill.json); "
+                      f"the lung model surer by more "
                       f"than {VIEW_MARGIN} (mean |p-0.5|) of the film turned 180 degrees; the lungs brighter than the rest of the "
                       f"closed thorax by more than {MAX_LUNG_CONTRAST} (mean [0, 1] pixel value: inverted)")
+    result["held_out_photographs"] = [name for name, _ in held_out]
     result["sample_seed"] = seed
     result["command"] = f"python -m training.lungseg --chest-check {folder}" + (f" --seed {seed}" if seed else "")
     out = out or paths.PROJECT_ROOT / "docs" / "lungs" / ("chest_check.json" if not seed else f"chest_check-seed{seed}.json")
@@ -395,6 +477,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0, help="--chest-check: the sample of films (0: the committed one)")
     p.add_argument("--chest-check", type=Path, default=None,
                    help="only measure the lung-based is-this-a-chest-X-ray check of this folder")
+    p.add_argument("--fit-row-fill", type=Path, default=None,
+                   help="only fit the chest check's lung-shape threshold (docs/lungs/row_fill.json) with this folder")
     p.add_argument("--montage", type=Path, default=None, help="only draw artifacts/lungs-nih-examples.png with this folder")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -402,7 +486,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.montage:
         print(montage(args.montage))
         return
-    if args.chest_check:
+    if args.fit_row_fill:
+        r = fit_row_fill(args.fit_row_fill, data_root)
+    elif args.chest_check:
         r = chest_check(args.chest_check, data_root, seed=args.seed)
     elif args.evaluate:
         r = evaluate(args.evaluate, data_root)
