@@ -160,6 +160,69 @@ def test_bad_choices_are_refused(client, model_name, tmp_path, args, expected):
         client.predict(handle_file(str(good)), *args, api_name="/predict")
 
 
+def _red_team_file(kind: str, folder: Path) -> Path:
+    """The red team's files of #14 items 1, 2, 5 and 6, built as tests/test_images.py builds them in-process."""
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from tests.test_images import write_dicom
+
+    arr = np.round(synthetic_xray(128) * 4095).astype(np.uint16)
+    if kind == "pixel-bomb.png":  # 6000 x 6000 in a few tens of KB
+        path = folder / kind
+        Image.fromarray(np.zeros((6000, 6000), np.uint8)).save(path, optimize=True)
+        return path
+    if kind == "film.dcm":  # a PNG named like DICOM
+        path = folder / kind
+        Image.fromarray((synthetic_xray(128) * 255).astype(np.uint8)).save(path, format="PNG")
+        return path
+    if kind == "window-zero.dcm":
+        return write_dicom(folder / kind, arr, window=(2000, 0))
+    path = write_dicom(folder / kind, arr)
+    ds = pydicom.dcmread(path)
+    if kind == "deflated-bomb.dcm":  # 16 MiB of zeros once inflated, a few KB on the wire
+        ds.add_new(0x00091010, "OB", b"\0" * (16 * 2**20))
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    elif kind == "two-frames.dcm":
+        ds.PixelData = arr.tobytes() * 2
+    elif kind == "short-pixels.dcm":
+        ds.PixelData = arr.tobytes()[: arr.nbytes // 2]
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("deflated-bomb.dcm", "Deflated DICOM files are not accepted"),
+    ("pixel-bomb.png", "decompression bomb"),
+    ("two-frames.dcm", "more pixel data than its header declares"),
+    ("short-pixels.dcm", "shorter than its header declares"),
+])
+def test_the_red_teams_files_get_their_sentence_through_the_server(client, model_name, tmp_path, kind, expected):
+    """#14 items 1, 2 and 6 through the running app (test_images.py has them in-process, with time and memory):
+    each file is answered with its sentence within seconds, and the next film is analysed."""
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(Exception, match=expected):
+        client.predict(handle_file(str(_red_team_file(kind, tmp_path))), model_name, "f1", api_name="/predict")
+    assert time.perf_counter() - t0 < 10
+    good = tmp_path / "good.png"
+    Image.fromarray((synthetic_xray(128) * 255).astype(np.uint8)).save(good)
+    assert client.predict(handle_file(str(good)), model_name, "f1", api_name="/predict")[0]["findings"]
+
+
+@pytest.mark.parametrize("kind, note", [
+    ("film.dcm", "named like DICOM but is a PNG"),
+    ("window-zero.dcm", "window width is zero or negative"),
+])
+def test_the_red_teams_readable_files_are_read_with_a_note_through_the_server(client, model_name, tmp_path, kind,
+                                                                              note):
+    """#14 items 5 and 6: a PNG named .dcm was told it "holds no image"; a DICOM window width of 0 was an empty
+    error. Through the running app both are analysed, with a note that says what was done."""
+    doc, _ = client.predict(handle_file(str(_red_team_file(kind, tmp_path))), model_name, "f1", api_name="/predict")
+    assert doc["findings"] and any(note in w for w in doc["warnings"]), doc["warnings"]
+
+
 @pytest.mark.parametrize("finding, method, box, opacity, threshold, expected", [
     ("NotAFinding", "gradcam", "", 0.5, 0.0, "has no finding"),
     ("Effusion", "magic-cam", "", 0.5, 0.0, "Unknown heatmap method"),
