@@ -20,7 +20,6 @@ from typing import Any
 import gradio as gr
 import numpy as np
 import torch
-from gradio.utils import get_upload_folder
 from PIL import Image
 
 from cxr_demo import INTENDED_USE, calibration
@@ -772,7 +771,7 @@ class ResultCleaner:
                 gone = delete_old_files(self.demo, self.age_s)
                 if gone:
                     log.info("deleted %d temporary files older than %.0f s", gone, self.age_s)
-                delete_empty_folders(Path(get_upload_folder()), self.age_s)
+                delete_empty_folders(Path(self.demo.GRADIO_CACHE), self.age_s)
             except Exception as e:  # noqa: BLE001 - the next round tries again
                 log.error("cleaning temporary files failed: %s", type(e).__name__)
 
@@ -786,8 +785,8 @@ def written_ns(name: str) -> int | None:
 
 
 def delete_result(demo: gr.Blocks, name: str, delivered_ns: int | None = None) -> bool:
-    """Delete one temporary file of ``demo`` (not a kept one); True when it went. With ``delivered_ns`` (when the delivered file had been written), a file written again since is left:
-    Gradio names a result by its content, so the same film analysed the same way again (another client, or the
+    """Delete one temporary file of ``demo`` (not a kept one); True when it went. With ``delivered_ns`` (when the
+    delivered file had been written), a file written again since is left: Gradio names a result by its content, so the same film analysed the same way again (another client, or the
     same one twice) is the same path, rewritten for an answer whose client has not fetched it yet."""
     if name in kept_files(demo):
         return False

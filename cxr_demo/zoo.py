@@ -165,15 +165,18 @@ class Zoo:
         default zoo (no ``source``, the project's ``checkpoints/``) uses :data:`PINS_FILE`.
 
         Models read from the Hub are held to :data:`PINS_FILE` too where their name is one of the project's
-        shipped models (``hub_pins``): a repo whose card and weights were changed together is refused, whatever
-        its revision. Other Hub models are the deployer's own; a revision that is not a commit id is resolved
-        once at start and logged, so what was served can be told afterwards."""
+        shipped models: a repo whose card and weights were changed together is refused, whatever its revision
+        (``pins_required`` False: a model the file does not name is served). Other Hub models are the deployer's
+        own; a revision that is not a commit id is resolved once at start and logged, so what was served can be
+        told afterwards."""
         self.source = source or source_from_env()
+        self.pins_required = pins is not None
         if pins is None and source is None and not self.source.hub_models \
                 and self.source.local_dir.resolve() == DEFAULT_CHECKPOINTS.resolve():
+            pins, self.pins_required = read_pins(), True
+        elif pins is None and self.source.hub_models:
             pins = read_pins()
         self.pins = pins
-        self.hub_pins = (read_pins() or {}) if self.source.hub_models and pins is None else {}
         self.max_loaded = max_loaded or int(os.environ.get("CXR_DEMO_MAX_LOADED_MODELS", DEFAULT_MAX_LOADED))
         self._lock = threading.Lock()
         self._loaded: OrderedDict[str, torch.nn.Module] = OrderedDict()
@@ -194,7 +197,7 @@ class Zoo:
                     continue
                 if self._add(folder, hub_model.name):
                     self.hub_commits[hub_model.name] = (hub_model.repo, commit)
-                    if hub_model.revision != commit and hub_model.name not in self.hub_pins:
+                    if hub_model.revision != commit and hub_model.name not in (self.pins or {}):
                         log.warning("zoo: %s is not pinned to a commit; serving commit %s that %r pointed to at "
                                     "start (pin it as %s@%s)", hub_model.name, commit, hub_model.revision or "main",
                                     hub_model.repo, commit)
@@ -223,17 +226,12 @@ class Zoo:
             return self._skip(name, str(e))
         if card.name != name:
             return self._skip(name, f"card name {card.name!r} differs from its folder or repo name {name!r}")
-        shipped = self.hub_pins.get(card.name)
-        if shipped is not None and (shipped.get("sha256") != card.sha256
-                                    or shipped.get("ood_sha256") != (card.ood.sha256 if card.ood else None)):
-            return self._skip(name, "this model of the project's zoo does not carry the weights pinned for it in "
-                                    "cxr_demo/pinned_weights.json; refusing a card and weights changed together")
         if self.pins is not None:
             pin = self.pins.get(card.name)
             ood = card.ood.sha256 if card.ood else None
-            if pin is None:
+            if pin is None and self.pins_required:
                 return self._skip(name, "not pinned in cxr_demo/pinned_weights.json (run python -m training.report)")
-            if pin.get("sha256") != card.sha256 or pin.get("ood_sha256") != ood:
+            if pin is not None and (pin.get("sha256") != card.sha256 or pin.get("ood_sha256") != ood):
                 return self._skip(name, "its card's sha256 differs from the one pinned in cxr_demo/pinned_weights.json; "
                                         "refusing a card and weights changed together")
         if card.name in self.cards:
