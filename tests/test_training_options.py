@@ -340,8 +340,11 @@ def test_ablation_records_a_run_trained_before(train_env, monkeypatch):
     assert done["run_seconds"] == read_card(train_env / "runs" / "ablation" / "v-done").training["wall_seconds"]
     assert 0 <= done["val_macro_auroc"] <= 1 and done["val_images"] > 0
     assert done["cam_outside_thorax"]["shape"] == "hull+0.05"  # training.cam_prior's measure, with the lung model
+    assert done["jpeg95"]["n_images"] == done["val_images"] and 0 <= done["jpeg95"]["mean_max_change"] <= 1
     assert not (train_env / "runs" / "ablation" / "v-not-yet").exists()
-    assert "| v-done |" in (train_env / "docs" / "ABLATION.md").read_text()
+    table = (train_env / "docs" / "ABLATION.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| v-done |"))
+    assert f"{done['jpeg95']['mean_max_change']:.3f} / " in row and "JPEG q95" in table
 
 
 def _fake_lungseg(root: Path, n: int = 4) -> None:

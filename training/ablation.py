@@ -7,8 +7,8 @@
 Each variant is an ordinary ``python -m training.train`` command (no test evaluation) written to
 ``runs/ablation/<variant>``. For each, the record keeps the validation macro AUROC (all validation
 images, and only those with at least one finding, since the test images hold almost no normal films),
-per-finding validation AUROC, the change of probabilities under half-step noise
-(``training.robustness``) and the wall time. Only the variant chosen here is evaluated on test images,
+per-finding validation AUROC, the change of probabilities under half-step noise and between a film's PNG
+and JPEG copies (``training.robustness``) and the wall time. Only the variant chosen here is evaluated on test images,
 by copying its folder into ``checkpoints/`` and running ``training.evaluate``.
 """
 
@@ -30,7 +30,7 @@ from cxr_demo.zoo import load_checkpoint
 from training.cam_prior import measure_loaded
 from training.data import cached_pixels
 from training.metrics import macro_auroc, safe_auroc
-from training.robustness import half_step_noise_change, validation_records
+from training.robustness import half_step_noise_change, jpeg_change, validation_records
 from training.train import main as train_main
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,9 @@ STUDIES: dict[str, dict[str, list[str]]] = {
         # a1 with a loss on the share of each positive finding's class activation outside the thorax (training.cam_prior;
         # #12: the heatmaps of every model put ~40% of their mass outside the chest).
         "nih14-lite0-a9-stembn-camprior": [*LITE0, "--freeze-stem-bn", "--cam-prior", "1"],
+        # a1 trained to answer a film's JPEG copy as its PNG (stability training; #13: JPEG q95 moved the default's
+        # probabilities by 0.014-0.038, and noise augmentation, a2, did not make the models less sensitive).
+        "nih14-lite0-a10-stembn-jpeg-consistency": [*LITE0, "--freeze-stem-bn", "--consistency", "5"],
     },
 }
 
@@ -88,6 +91,7 @@ def validation_record(folder: Path) -> dict:
         "per_finding_val_auroc": {n: safe_auroc(y[:, j], p[:, j]) for j, n in enumerate(card.label_names)},
         "val_positives": card.training["val_positives"],
         "half_step_noise": half_step_noise_change(model, card, pixels),
+        "jpeg95": jpeg_change(model, card, val),
         "cam_outside_thorax": cam_outside_thorax(card, model, val, pixels),
         "weights_sha256": card.sha256,
     }
@@ -137,7 +141,9 @@ def write_table(docs: Path | None = None) -> Path:
            "with another training seed on the same validation films (`--split-seed 0`): their spread is how far one "
            "recipe moves by chance, the least any other row must clear. *CAM outside thorax*: the share of each present "
            "finding's class activation map outside the film's thorax (lung model, `hull+0.05`, about half the film) on "
-           "validation, mean over (film, finding) pairs (`python -m training.cam_prior`); - where not measured.", ""]
+           "validation, mean over (film, finding) pairs (`python -m training.cam_prior`). *JPEG q95*: per validation film, the "
+           "largest change of any probability between its PNG and a quality-95 JPEG of the same pixels, mean over films and "
+           "the share of films above 0.02 (`python -m training.robustness`); - where not measured.", ""]
     for path in sorted((docs / "ablation").glob("*.json")):
         rec = json.loads(path.read_text())
         variants = rec["variants"]
@@ -146,12 +152,14 @@ def write_table(docs: Path | None = None) -> Path:
         labels = list(next(iter(variants.values()))["per_finding_val_auroc"])
         out += [f"## {rec['study']}", "",
                 "| variant | val macro AUROC | val, films with a finding | half-step noise: mean / max change | "
-                "CAM outside thorax | best epoch / run | minutes |", "|---|---|---|---|---|---|---|"]
+                "JPEG q95: mean max change / films > 0.02 | CAM outside thorax | best epoch / run | minutes |",
+                "|---|---|---|---|---|---|---|---|"]
         for name, v in variants.items():
             n = v["half_step_noise"]
-            cam = v.get("cam_outside_thorax")
+            cam, jpeg = v.get("cam_outside_thorax"), v.get("jpeg95")
+            jpeg_cell = "-" if not jpeg else f"{jpeg['mean_max_change']:.3f} / {jpeg['share_over_0_02']:.0%}"
             out.append(f"| {name} | {v['val_macro_auroc']:.3f} | {v['val_macro_auroc_findings_only']:.3f} | "
-                       f"{n['mean_abs_change']:.4f} / {n['max_abs_change']:.3f} | "
+                       f"{n['mean_abs_change']:.4f} / {n['max_abs_change']:.3f} | {jpeg_cell} | "
                        f"{'-' if not cam else format(cam['mean'], '.2f')} | {v['best_epoch']} / {v['epochs_run']} | "
                        f"{v['run_seconds'] / 60:.0f} |")
         out += ["", "Per finding (validation AUROC; positives in brackets):", "",

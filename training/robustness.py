@@ -1,26 +1,34 @@
-"""How much a checkpoint's probabilities move under noise smaller than one 8-bit step.
+"""How much a checkpoint's probabilities move under changes of the pixels that a reader cannot see.
 
     python -m training.robustness checkpoints/nih14-efficientnet-lite0
 
-Uses the model's own validation images (the patient split it was trained with; no test image): each
-image as the model sees it (8-bit) and again with uniform noise of +-0.5 of an 8-bit step added before
-normalisation, the size of the rounding the app once skipped. Prints and returns the mean and maximum
-absolute change of any probability, and the share of operating-point flags that change.
+Uses the model's own validation images (the patient split it was trained with; no test image):
+
+- half-step noise: each image as the model sees it (8-bit) and again with uniform noise of +-0.5 of an 8-bit
+  step added before normalisation, the size of the rounding the app once skipped;
+- JPEG: each film as its 8-bit PNG and as a JPEG (quality 95) of the same pixels at the film's own size, both
+  through the app's preprocessing (#13: the same film should get the same answer in either format).
+
+Prints and returns the mean and maximum absolute change of any probability, and the share of operating-point
+flags that change (noise), or per film the largest change of any probability (JPEG).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from cxr_demo.card import ModelCard, read_card
 from cxr_demo.ensemble import MEMBER_SHARED_FIELDS
-from cxr_demo.inference import logits_to_probabilities, normalise, predict_array, unit_batch
+from cxr_demo.images import read_xray
+from cxr_demo.inference import logits_to_probabilities, normalise, predict_array, prepare_pixels, unit_batch
 from cxr_demo.zoo import load_checkpoint
 from training.data import Record, add_data_root_argument, cached_pixels, patient_split, split_seed
 from training.tasks import load_task
@@ -46,6 +54,37 @@ def half_step_noise_change(model: torch.nn.Module, card: ModelCard, pixels: np.n
         thr = np.array([card.threshold("f1", n) for n in card.label_names])
         out["f1_flags_changed"] = float(((clean >= thr) != (np.concatenate(noisy) >= thr)).mean())
     return out
+
+
+def jpeg_round_trip(images: np.ndarray, quality: int | list[int] = 95) -> np.ndarray:
+    """(N, H, W) or (H, W) uint8 images -> the same images encoded as baseline JPEG (Pillow, 4:2:0 is moot for
+    one channel) at ``quality`` (one for all, or one per image) and decoded again."""
+    batch = images[None] if images.ndim == 2 else images
+    qualities = [quality] * len(batch) if isinstance(quality, int) else list(quality)
+    out = np.empty_like(batch)
+    for i, (im, q) in enumerate(zip(batch, qualities)):
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, format="JPEG", quality=int(q))
+        buf.seek(0)
+        out[i] = np.asarray(Image.open(buf).convert("L"))
+    return out[0] if images.ndim == 2 else out
+
+
+def jpeg_change(model: torch.nn.Module, card: ModelCard, records: list[Record], quality: int = 95,
+                batch_size: int = 32) -> dict:
+    """Per film, the largest change of any probability between its 8-bit PNG pixels and a JPEG of them at the
+    film's own size (as a user would save it), both prepared as the app prepares an upload."""
+    png, jpg = [], []
+    for r in records:
+        film = read_xray(r.path).to_uint8()
+        png.append(prepare_pixels(film / 255.0, card.input_size, card.crop))
+        jpg.append(prepare_pixels(jpeg_round_trip(film, quality) / 255.0, card.input_size, card.crop))
+    a = predict_array(model, np.stack(png), card.mean, card.std, card.task_kind, batch_size=batch_size)
+    b = predict_array(model, np.stack(jpg), card.mean, card.std, card.task_kind, batch_size=batch_size)
+    worst = np.abs(a - b).max(1)
+    return {"n_images": int(len(records)), "quality": quality, "mean_max_change": float(worst.mean()),
+            "p95_max_change": float(np.percentile(worst, 95)), "max_change": float(worst.max()),
+            "share_over_0_02": float((worst > 0.02).mean())}
 
 
 def validation_records(card: ModelCard, data_root: Path | None = None) -> list[Record]:
@@ -90,9 +129,10 @@ def validation_predictions(folders: list[Path]) -> tuple[np.ndarray, dict[str, n
 def measure(folder: Path, data_root: Path | None = None) -> dict:
     card = read_card(folder)
     model = load_checkpoint(folder)
+    val = validation_records(card, data_root)
     result = {"model": card.name, "weights_sha256": card.sha256,
-              **half_step_noise_change(model, card, cached_pixels(validation_records(card, data_root), card.input_size,
-                                                                card.crop)),
+              **half_step_noise_change(model, card, cached_pixels(val, card.input_size, card.crop)),
+              "jpeg95": jpeg_change(model, card, val),
               "command": f"python -m training.robustness {folder}"}
     return result
 

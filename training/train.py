@@ -72,6 +72,7 @@ from training.metrics import macro_auroc, macro_auroc_with_finding, threshold_re
 from training.models import create_training_model, model_args_for
 from training.pretrained import IMAGENET_PACKAGES, load_imagenet_into
 from training.pseudo import UNLABELLED_SOURCES, check_teacher, teacher_labels, unlabelled_records, with_soft_labels
+from training.robustness import jpeg_round_trip
 from training.tasks import LUNG_CROP, TASKS, TaskData, load_task
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hflip", action="store_true", help="also flip horizontally (off: anatomy is not symmetric)")
     p.add_argument("--noise", type=float, default=0.0, metavar="STEPS",
                    help="add Gaussian noise of this standard deviation, in 8-bit steps, to each augmented image")
+    p.add_argument("--consistency", type=float, default=0.0, metavar="WEIGHT",
+                   help="stability training: add WEIGHT x the mean squared difference between the logits of each "
+                        "augmented 8-bit image and of its JPEG round trip (quality drawn from --consistency-quality..100) "
+                        "to the loss; the same film as PNG or JPEG should get the same answer (#13)")
+    p.add_argument("--consistency-quality", type=int, default=80, metavar="Q",
+                   help="with --consistency: the lowest JPEG quality drawn")
     p.add_argument("--freeze-stem-bn", action="store_true",
                    help="keep the stem BatchNorm's running statistics as initialised (ImageNet): a one-channel stem "
                         "summed from RGB filters has near-empty channels that re-estimated statistics amplify ~300x")
@@ -265,6 +272,8 @@ def main(argv: list[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     rank, world = _distributed()
+    if args.consistency and args.cam_prior:
+        raise SystemExit("--consistency and --cam-prior are not combined (one extra term at a time)")
     if world > 1 and args.freeze_epochs:
         raise SystemExit("--freeze-epochs is not supported under DDP (DDP fixes the trainable set at start)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -364,7 +373,7 @@ def main(argv: list[str] | None = None) -> Path:
             stem_bn(model).eval()
         order = (torch.multinomial(weights, len(train), replacement=True, generator=gen) if weights is not None
                  else torch.randperm(len(train), generator=gen))
-        losses, shares = [], []
+        losses, shares, gaps = [], [], []
         t0 = time.time()
         show = args.progress if args.progress is not None else (sys.stderr.isatty() and rank == 0)
         for i in tqdm(range(0, len(train), args.batch_size), desc=f"epoch {epoch + 1}/{args.epochs}",
@@ -377,18 +386,32 @@ def main(argv: list[str] | None = None) -> Path:
                 x = augment(unit_batch(x_train[idx]), gen, hflip=args.hflip)
             if args.noise:
                 x = x + torch.randn(x.shape, generator=gen) * (args.noise / 255.0)
+            x_jpeg = None
+            if args.consistency:  # the 8-bit image the app would see, and its JPEG round trip
+                x8 = (x.clamp(0, 1) * 255).round().to(torch.uint8)[:, 0].numpy()
+                quality = torch.randint(args.consistency_quality, 101, (len(idx),), generator=gen).tolist()
+                x = unit_batch(x8)
+                x_jpeg = normalise(unit_batch(jpeg_round_trip(x8, quality)), mean, std)
             x = normalise(x, mean, std)
             y = torch.from_numpy(y_train[idx])
             part = torch.tensor_split(torch.arange(len(idx)), world)[rank]  # this rank's share of the batch
-            xb = x[part].to(device).contiguous(memory_format=torch.channels_last)
+            xb = x[part] if x_jpeg is None else torch.cat([x[part], x_jpeg[part]])
+            xb = xb.to(device).contiguous(memory_format=torch.channels_last)
             yb, yg = y[part].to(device), y.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 out = net(xb)
             logits, feats = (out[0].float(), out[1]) if cam_prior else (out.float(), None)
+            logits_jpeg = None
+            if x_jpeg is not None:
+                logits, logits_jpeg = logits.tensor_split(2)
             if task.task_kind == "multilabel":
                 loss = multilabel_loss(loss_kind, logits, yb, yg, pos_weight, gamma=args.focal_gamma)
             else:
                 loss = multiclass_loss(loss_kind, logits, yb, yg, class_weight, gamma=args.focal_gamma)
+            if logits_jpeg is not None:
+                gap = (logits - logits_jpeg).pow(2).mean()
+                loss = loss + args.consistency * gap
+                gaps.append(gap.item())
             if cam_prior:
                 share = outside_share(class_maps(feats, model.get_classifier()), regions[part].to(device), yb)
                 loss = loss + args.cam_prior * share
@@ -412,6 +435,7 @@ def main(argv: list[str] | None = None) -> Path:
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_macro_auroc": auc_all,
                "val_macro_auroc_findings_only": auc_findings,
                **({"train_cam_outside_thorax": float(np.mean(shares))} if shares else {}),
+               **({"train_jpeg_logit_gap": float(np.mean(gaps))} if gaps else {}),
                "lr": opt.param_groups[0]["lr"], "frozen_backbone": frozen, "seconds": round(time.time() - t0, 1),
                "images_per_s": round(len(train) / (time.time() - t0), 1)}
         rows.append(row)
@@ -519,8 +543,12 @@ def main(argv: list[str] | None = None) -> Path:
             "weighted_sampling": args.weighted_sampling, "freeze_epochs": args.freeze_epochs,
             "augmentation": "rotation 7 deg, scale 10%, translate 6%, brightness/contrast 10%, "
                             + ("horizontal flips" if args.hflip else "no flips")
-                            + (f", Gaussian noise sd {args.noise:g}/255" if args.noise else ""),
+                            + (f", Gaussian noise sd {args.noise:g}/255" if args.noise else "")
+                            + (", rounded to 8 bits" if args.consistency else ""),
             "freeze_stem_bn": args.freeze_stem_bn, "ema_decay": args.ema, "cam_prior": cam_prior,
+            "consistency": ({"weight": args.consistency, "jpeg_quality": [args.consistency_quality, 100],
+                             "term": "mean squared logit difference, 8-bit image vs its JPEG round trip"}
+                            if args.consistency else None),
             "val_macro_auroc_findings_only": val_findings_only,
             "seed": args.seed, "split_seed": seed_of_split, "dtype": "float16" if args.fp16 else "float32",
             "wall_seconds": round(time.time() - started), "device": str(device.type), "processes": world,

@@ -1,0 +1,96 @@
+"""Same film, same answer, from the training side (#13): the JPEG round trip, the measurement of how far a model's
+probabilities move between a film's PNG and JPEG copies, and training with the consistency term."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from cxr_demo.card import ModelCard, read_card
+from tests.helpers import make_fake_nih, synthetic_xray
+from training.data import Record
+from training.robustness import jpeg_change, jpeg_round_trip
+from training.train import main as train_main
+
+
+def _films(n=3, size=128):
+    return np.stack([np.clip(np.rint(synthetic_xray(size, seed=i) * 255), 0, 255).astype(np.uint8) for i in range(n)])
+
+
+def test_jpeg_round_trip_is_a_lossy_copy_of_the_same_film():
+    films = _films()
+    q95 = jpeg_round_trip(films, 95)
+    assert q95.shape == films.shape and q95.dtype == np.uint8
+    d95 = np.abs(q95.astype(int) - films).mean()
+    assert 0 < d95 < 3  # changed, by a few 8-bit steps at most on average
+    d30 = np.abs(jpeg_round_trip(films, 30).astype(int) - films).mean()
+    assert d30 > d95
+    one = jpeg_round_trip(films[0], 95)
+    assert one.shape == films[0].shape and np.array_equal(one, q95[0])
+    per_image = jpeg_round_trip(films, [95, 30, 95])
+    assert np.array_equal(per_image[0], q95[0]) and np.array_equal(per_image[2], q95[2])
+    assert np.array_equal(per_image[1], jpeg_round_trip(films[1], 30))
+
+
+class _Probe(torch.nn.Module):
+    """One logit from either the film's mean brightness (blind to JPEG's local changes) or its high-frequency
+    energy (what JPEG quantisation changes)."""
+
+    def __init__(self, high_frequency: bool):
+        super().__init__()
+        self.high_frequency = high_frequency
+        self.scale = torch.nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x):
+        if self.high_frequency:
+            lap = x[..., 1:-1, 1:-1] * 4 - x[..., :-2, 1:-1] - x[..., 2:, 1:-1] - x[..., 1:-1, :-2] - x[..., 1:-1, 2:]
+            return (self.scale * 200 * (lap.abs().mean((1, 2, 3)) - 0.09)).unsqueeze(1)
+        return (self.scale * 4 * x.mean((1, 2, 3))).unsqueeze(1)
+
+
+def test_jpeg_change_sees_a_model_that_reads_what_jpeg_changes(tmp_path):
+    records = []
+    for i, film in enumerate(_films(4, 160)):
+        path = tmp_path / f"{i:08d}_000.png"
+        Image.fromarray(film).save(path)
+        records.append(Record(path=path, labels=np.zeros(1, np.float32), patient=str(i), split="train_val"))
+    card = ModelCard(name="p", version="1", changelog=["x"], description="", summary="", task="t",
+                     task_kind="multilabel", architecture="x", label_names=["a"], input_size=128, mean=0.5, std=0.5,
+                     thresholds={}, cam_target_layer="x", data_source="", init="", license="", sha256="0" * 64)
+    blind = jpeg_change(_Probe(False), card, records)
+    seeing = jpeg_change(_Probe(True), card, records)
+    assert blind["n_images"] == seeing["n_images"] == 4 and blind["quality"] == 95
+    assert blind["mean_max_change"] < 0.005 and blind["share_over_0_02"] == 0.0
+    assert seeing["mean_max_change"] > 0.02 and seeing["max_change"] >= seeing["p95_max_change"] >= 0
+
+
+def _train(*argv):
+    return train_main(["--threads", "1", "--batch-size", "8", "--input-size", "48", *map(str, argv)])
+
+
+def test_training_with_the_jpeg_consistency_term(tmp_path, monkeypatch):
+    """--consistency trains on 8-bit images and their JPEG round trips, logs the logit gap per epoch, records the term
+    in the card, changes the weights against the same run without it, and is refused with --cam-prior."""
+    monkeypatch.setenv("CXR_TRAIN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    data = make_fake_nih(tmp_path / "data")
+    common = ["--data-root", data, "--arch", "test_efficientnet", "--init", "random", "--out", tmp_path / "ck",
+              "--no-eval", "--epochs", "2", "--val-fraction", "0.25"]
+    plain = _train(*common, "--name", "plain")
+    held = _train(*common, "--name", "held", "--consistency", "5", "--consistency-quality", "70")
+    card = read_card(held)
+    assert read_card(plain).training["consistency"] is None
+    assert card.training["consistency"]["weight"] == 5.0 and card.training["consistency"]["jpeg_quality"] == [70, 100]
+    assert "rounded to 8 bits" in card.training["augmentation"]
+    log = [json.loads(line) for line in (held / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(r["train_jpeg_logit_gap"] >= 0 for r in log)
+    assert any(r["train_jpeg_logit_gap"] > 0 for r in log)
+    wa, wb = load_file(str(plain / "model.safetensors")), load_file(str(held / "model.safetensors"))
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(SystemExit, match="not combined"):
+        _train(*common, "--name", "both", "--consistency", "1", "--cam-prior", "1")
