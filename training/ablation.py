@@ -68,6 +68,16 @@ STUDIES: dict[str, dict[str, list[str]]] = {
         # a1 trained to answer a film's JPEG copy as its PNG (stability training; #13: JPEG q95 moved the default's
         # probabilities by 0.014-0.038, and noise augmentation, a2, did not make the models less sensitive).
         "nih14-lite0-a10-stembn-jpeg-consistency": [*LITE0, "--freeze-stem-bn", "--consistency", "5"],
+        # a10's term outweighed the task ~10:1 in the first epoch (logit gap 1.8 with the fresh head) and the model never
+        # learned the findings (validation 0.57): a fifth of the weight.
+        "nih14-lite0-a11-stembn-jpeg-consistency-1": [*LITE0, "--freeze-stem-bn", "--consistency", "1"],
+        # The term on a model that already reads the findings: a1's weights (the ensemble member
+        # nih14-efficientnet-lite0-stembn, chosen on these validation films) fine-tuned for a few epochs, a third of the
+        # learning rate. Cheaper than retraining each ensemble member, if it holds.
+        "nih14-lite0-a12-a1-then-jpeg-consistency": [
+            "--task", "nih14", "--arch", "tf_efficientnet_lite0", "--init", "checkpoint",
+            "--init-from", "checkpoints/nih14-efficientnet-lite0-stembn", "--epochs", "6", "--patience", "3",
+            "--lr", "3e-4", "--freeze-stem-bn", "--consistency", "1"],
     },
 }
 
