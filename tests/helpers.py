@@ -153,6 +153,23 @@ def make_fake_nih(root, n_train=48, n_test=16, size=96):
     return root
 
 
+def train_tiny(*argv):
+    """``training.train`` on one thread at 48 px in batches of 8 (arguments may be paths or numbers)."""
+    from training.train import main as train_main
+
+    return train_main(["--threads", "1", "--batch-size", "8", "--input-size", "48", *map(str, argv)])
+
+
+def tiny_nih_training(tmp_path: Path, monkeypatch) -> list:
+    """A fake NIH layout under ``tmp_path`` with the image cache and working folder there too; returns the
+    :func:`train_tiny` arguments of a 2-epoch random-init run on it into ``tmp_path / "ck"`` (add ``--name``)."""
+    monkeypatch.setenv("CXR_TRAIN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    data = make_fake_nih(tmp_path / "data")
+    return ["--data-root", data, "--arch", "test_efficientnet", "--init", "random", "--out", tmp_path / "ck",
+            "--no-eval", "--epochs", "2", "--val-fraction", "0.25"]
+
+
 def png_chunk(kind: bytes, data: bytes) -> bytes:
     """One PNG chunk with its length and CRC."""
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)

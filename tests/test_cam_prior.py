@@ -12,10 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from cxr_demo.card import read_card
-from tests.helpers import make_fake_nih
+from tests.helpers import tiny_nih_training, train_tiny
 from training.cam_prior import FeaturesAndLogits, class_maps, outside_share
 from training.train import augment
-from training.train import main as train_main
 
 
 def test_outside_share_is_the_mass_outside_the_region_for_present_findings():
@@ -83,21 +82,13 @@ def test_a_transformer_is_refused():
         class_maps(torch.zeros(2, 5, 8), torch.nn.Linear(8, 3))
 
 
-def _train(*argv):
-    return train_main(["--threads", "1", "--batch-size", "8", "--input-size", "48", *map(str, argv)])
-
-
 def test_training_with_the_cam_prior(tmp_path, monkeypatch):
     """--cam-prior trains (the lung model's masks of the fake films, moved with each augmentation), logs the share per
     epoch, records the prior and its validation measure in the card, changes the weights against the same run without
     it, and is refused with a crop."""
-    monkeypatch.setenv("CXR_TRAIN_CACHE", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
-    data = make_fake_nih(tmp_path / "data")
-    common = ["--data-root", data, "--arch", "test_efficientnet", "--init", "random", "--out", tmp_path / "ck",
-              "--no-eval", "--epochs", "2", "--val-fraction", "0.25"]
-    plain = _train(*common, "--name", "plain")
-    prior = _train(*common, "--name", "prior", "--cam-prior", "5")
+    common = tiny_nih_training(tmp_path, monkeypatch)
+    plain = train_tiny(*common, "--name", "plain")
+    prior = train_tiny(*common, "--name", "prior", "--cam-prior", "5")
     card, plain_card = read_card(prior), read_card(plain)
     assert plain_card.training["cam_prior"] is None
     cp = card.training["cam_prior"]
@@ -112,4 +103,4 @@ def test_training_with_the_cam_prior(tmp_path, monkeypatch):
     wa, wb = load_file(str(plain / "model.safetensors")), load_file(str(prior / "model.safetensors"))
     assert any(not torch.equal(wa[k], wb[k]) for k in wa)
     with pytest.raises(SystemExit, match="not with --crop"):
-        _train(*common, "--name", "crop", "--cam-prior", "1", "--crop", "lung")
+        train_tiny(*common, "--name", "crop", "--cam-prior", "1", "--crop", "lung")

@@ -12,10 +12,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from cxr_demo.card import ModelCard, read_card
-from tests.helpers import make_fake_nih, synthetic_xray
+from tests.helpers import synthetic_xray, tiny_nih_training, train_tiny
 from training.data import Record
 from training.robustness import jpeg_change, jpeg_round_trip
-from training.train import main as train_main
 
 
 def _films(n=3, size=128):
@@ -69,20 +68,12 @@ def test_jpeg_change_sees_a_model_that_reads_what_jpeg_changes(tmp_path):
     assert seeing["mean_max_change"] > 0.02 and seeing["max_change"] >= seeing["p95_max_change"] >= 0
 
 
-def _train(*argv):
-    return train_main(["--threads", "1", "--batch-size", "8", "--input-size", "48", *map(str, argv)])
-
-
 def test_training_with_the_jpeg_consistency_term(tmp_path, monkeypatch):
     """--consistency trains on 8-bit images and their JPEG round trips, logs the logit gap per epoch, records the term
     in the card, changes the weights against the same run without it, and is refused with --cam-prior."""
-    monkeypatch.setenv("CXR_TRAIN_CACHE", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
-    data = make_fake_nih(tmp_path / "data")
-    common = ["--data-root", data, "--arch", "test_efficientnet", "--init", "random", "--out", tmp_path / "ck",
-              "--no-eval", "--epochs", "2", "--val-fraction", "0.25"]
-    plain = _train(*common, "--name", "plain")
-    held = _train(*common, "--name", "held", "--consistency", "5", "--consistency-quality", "70")
+    common = tiny_nih_training(tmp_path, monkeypatch)
+    plain = train_tiny(*common, "--name", "plain")
+    held = train_tiny(*common, "--name", "held", "--consistency", "5", "--consistency-quality", "70")
     card = read_card(held)
     assert read_card(plain).training["consistency"] is None
     assert card.training["consistency"]["weight"] == 5.0 and card.training["consistency"]["jpeg_quality"] == [70, 100]
@@ -93,4 +84,4 @@ def test_training_with_the_jpeg_consistency_term(tmp_path, monkeypatch):
     wa, wb = load_file(str(plain / "model.safetensors")), load_file(str(held / "model.safetensors"))
     assert any(not torch.equal(wa[k], wb[k]) for k in wa)
     with pytest.raises(SystemExit, match="not combined"):
-        _train(*common, "--name", "both", "--consistency", "1", "--cam-prior", "1")
+        train_tiny(*common, "--name", "both", "--consistency", "1", "--cam-prior", "1")

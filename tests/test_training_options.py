@@ -19,7 +19,7 @@ from cxr_demo.card import read_card
 from cxr_demo.images import read_xray
 from cxr_demo.service import DemoService
 from cxr_demo.zoo import Zoo, ZooSource
-from tests.helpers import make_fake_kermany_covid, make_fake_nih
+from tests.helpers import make_fake_kermany_covid, make_fake_nih, train_tiny
 from training.data import chexpert_records, covid_records, kermany_class, kermany_patient, kermany_records
 from training.losses import multiclass_loss, multilabel_loss, sample_weights
 
@@ -141,15 +141,11 @@ def test_chexpert_csv_uncertainty_policies(tmp_path):
 # --- training runs ---------------------------------------------------------------------------------
 
 
-def _train(*argv):
-    from training.train import main as train_main
-
-    return train_main(["--threads", "1", "--batch-size", "8", "--input-size", "48", *map(str, argv)])
 
 
 def test_kermany3_with_lung_crop_focal_sampling_plateau_freeze(train_env):
     data = make_fake_kermany_covid(train_env / "data")
-    folder = _train("--task", "kermany3", "--data-root", data, "--arch", "test_efficientnet", "--init", "random",
+    folder = train_tiny("--task", "kermany3", "--data-root", data, "--arch", "test_efficientnet", "--init", "random",
                     "--name", "k3", "--out", train_env / "ck", "--epochs", "3", "--crop", "lung", "--loss", "focal",
                     "--weighted-sampling", "--scheduler", "plateau", "--freeze-epochs", "1", "--optimizer", "adam",
                     "--val-fraction", "0.25")
@@ -171,7 +167,7 @@ def test_frozen_epoch_changes_only_the_head(train_env):
     data = make_fake_nih(train_env / "data")
     runs = {}
     for name, extra in (("init", ["--epochs", "0"]), ("frozen", ["--epochs", "1", "--freeze-epochs", "1"])):
-        folder = _train("--data-root", data, "--arch", "test_resnet", "--init", "random", "--name", name,
+        folder = train_tiny("--data-root", data, "--arch", "test_resnet", "--init", "random", "--name", name,
                         "--out", train_env / "ck", "--no-eval", "--drop-rate", "0", *extra)
         runs[name] = load_file(str(folder / "model.safetensors"))
     changed = {k for k in runs["init"] if not torch.equal(runs["init"][k], runs["frozen"][k])}
@@ -182,9 +178,9 @@ def test_resume_continues_where_it_stopped(train_env):
     data = make_fake_nih(train_env / "data")
     common = ["--data-root", data, "--arch", "test_efficientnet", "--init", "random", "--out", train_env / "ck",
               "--no-eval", "--patience", "9"]
-    straight = _train(*common, "--name", "a", "--epochs", "3")
-    _train(*common, "--name", "b", "--epochs", "3", "--stop-after", "2")
-    resumed = _train(*common, "--name", "b", "--epochs", "3", "--resume")
+    straight = train_tiny(*common, "--name", "a", "--epochs", "3")
+    train_tiny(*common, "--name", "b", "--epochs", "3", "--stop-after", "2")
+    resumed = train_tiny(*common, "--name", "b", "--epochs", "3", "--resume")
     wa, wb = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     log = [json.loads(line)["epoch"] for line in (resumed / "train_log.jsonl").read_text().splitlines()]
@@ -194,16 +190,16 @@ def test_resume_continues_where_it_stopped(train_env):
 def test_init_from_our_checkpoint_and_arch_mismatch(train_env):
     data = make_fake_nih(train_env / "data")
     kdata = make_fake_kermany_covid(train_env / "data")
-    src = _train("--data-root", data, "--arch", "test_efficientnet", "--init", "random", "--name", "src",
+    src = train_tiny("--data-root", data, "--arch", "test_efficientnet", "--init", "random", "--name", "src",
                  "--out", train_env / "ck", "--no-eval", "--epochs", "1")
-    dst = _train("--task", "kermany2", "--data-root", kdata, "--arch", "test_efficientnet", "--init", "checkpoint",
+    dst = train_tiny("--task", "kermany2", "--data-root", kdata, "--arch", "test_efficientnet", "--init", "checkpoint",
                  "--init-from", src, "--name", "dst", "--out", train_env / "ck", "--no-eval", "--epochs", "0")
     a, b = load_file(str(src / "model.safetensors")), load_file(str(dst / "model.safetensors"))
     assert torch.equal(a["conv_stem.weight"], b["conv_stem.weight"])  # backbone copied
     assert b["classifier.weight"].shape[0] == 2 != a["classifier.weight"].shape[0]  # new head
     assert "in-domain: checkpoint src" in read_card(dst).init
     with pytest.raises(SystemExit, match="not test_resnet"):
-        _train("--data-root", data, "--arch", "test_resnet", "--init", "checkpoint", "--init-from", src,
+        train_tiny("--data-root", data, "--arch", "test_resnet", "--init", "checkpoint", "--init-from", src,
                "--name", "bad", "--out", train_env / "ck", "--no-eval")
 
 
@@ -221,7 +217,7 @@ def test_chexpert_task_trains_with_ignored_labels(train_env):
         Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(train_env / "cx" / rel)
         lines.append(",".join([rel] + [str(rng.choice(["1.0", "0.0", "-1.0", ""])) for _ in CHEXPERT_LABELS]))
     (train_env / "cx" / "train.csv").write_text("\n".join(lines) + "\n")
-    folder = _train("--task", "chexpert", "--chexpert-csv", train_env / "cx" / "train.csv", "--uncertain", "ignore",
+    folder = train_tiny("--task", "chexpert", "--chexpert-csv", train_env / "cx" / "train.csv", "--uncertain", "ignore",
                     "--arch", "test_efficientnet", "--init", "random", "--name", "cx", "--out", train_env / "ck",
                     "--epochs", "1", "--val-fraction", "0.5")
     card = read_card(folder)
@@ -273,7 +269,7 @@ def test_tsne_map_and_model_zoo_page(train_env, monkeypatch):
     import training.report as report
 
     data = make_fake_nih(train_env / "data")
-    folder = _train("--data-root", data, "--arch", "test_efficientnet", "--init", "random", "--name", "tiny",
+    folder = train_tiny("--data-root", data, "--arch", "test_efficientnet", "--init", "random", "--name", "tiny",
                     "--out", train_env / "ck", "--epochs", "1", "--val-fraction", "0.25")
     meta = report.compute_tsne(folder, train_env / "zoo", data_root=data)
     assert (train_env / "zoo" / "tsne-tiny.png").stat().st_size > 5000
@@ -310,15 +306,15 @@ def test_extra_64px_films_join_training_only(train_env):
             f.write("".join(n + "\n" for n, (_, s) in films.items() if s == split))
     common = ["--data-root", data, "--arch", "test_efficientnet", "--init", "random", "--out", train_env / "ck",
               "--no-eval", "--epochs", "1", "--val-fraction", "0.25"]
-    plain = read_card(_train(*common, "--name", "plain"))
-    extra = read_card(_train(*common, "--name", "extra", "--extra-64px"))
+    plain = read_card(train_tiny(*common, "--name", "plain"))
+    extra = read_card(train_tiny(*common, "--name", "extra", "--extra-64px"))
     assert extra.training["n_train_64px"] == 5 and plain.training["n_train_64px"] == 0
     assert extra.training["n_train"] == plain.training["n_train"] + 5
     assert extra.training["n_val"] == plain.training["n_val"] and extra.training["val_positives"] == plain.training["val_positives"]
     assert "5 train_val films (5 patients) that exist only at 64 x 64" in extra.data_source
     assert "64 x 64" not in plain.data_source
     with pytest.raises(SystemExit, match="nih14 only"):
-        _train("--task", "kermany2", "--data-root", make_fake_kermany_covid(train_env / "data"), "--arch",
+        train_tiny("--task", "kermany2", "--data-root", make_fake_kermany_covid(train_env / "data"), "--arch",
                "test_efficientnet", "--init", "random", "--out", train_env / "ck", "--name", "k", "--extra-64px")
 
 
@@ -333,7 +329,7 @@ def test_ablation_records_a_run_trained_before(train_env, monkeypatch):
     args = ["--data-root", str(data), "--arch", "test_efficientnet", "--init", "random", "--epochs", "1",
             "--threads", "1", "--batch-size", "8", "--input-size", "48"]
     monkeypatch.setitem(ablation.STUDIES, "tiny", {"v-done": args, "v-not-yet": args})
-    _train(*args, "--name", "v-done", "--out", train_env / "runs" / "ablation", "--no-eval")
+    train_tiny(*args, "--name", "v-done", "--out", train_env / "runs" / "ablation", "--no-eval")
     record = ablation.run_study("tiny", train_env / "runs" / "ablation", train=False)
     assert list(record["variants"]) == ["v-done"]
     done = record["variants"]["v-done"]
@@ -384,24 +380,24 @@ def test_pseudo_labels_are_the_teachers_calibrated_probabilities_on_non_nih_film
 
     common = ["--data-root", data, "--arch", "test_efficientnet", "--init", "random", "--out", train_env / "ck",
               "--no-eval", "--epochs", "1", "--val-fraction", "0.25"]
-    teacher = _train(*common, "--name", "teacher")
+    teacher = train_tiny(*common, "--name", "teacher")
     soft = teacher_labels(teacher, films)
     card = read_card(teacher)
     raw = predict_array(load_checkpoint(teacher), cached_pixels(films, card.input_size), card.mean, card.std, "multilabel")
     np.testing.assert_allclose(soft, calibrate(card, raw), atol=1e-6)
     assert soft.shape == (12, 14) and ((soft >= 0) & (soft <= 1)).all()
 
-    plain = read_card(_train(*common, "--name", "plain"))
-    student = read_card(_train(*common, "--name", "student", "--pseudo-labels", teacher, "--unlabelled", "covid19"))
+    plain = read_card(train_tiny(*common, "--name", "plain"))
+    student = read_card(train_tiny(*common, "--name", "student", "--pseudo-labels", teacher, "--unlabelled", "covid19"))
     assert student.training["n_train_pseudo"] == 8 and plain.training["n_train_pseudo"] == 0
     assert student.training["n_train"] == plain.training["n_train"] + 8
     assert student.training["n_val"] == plain.training["n_val"]
     assert student.training["pseudo_labels"] == {"teacher": "teacher", "teacher_sha256": card.sha256, "sources": ["covid19"]}
     assert "8 unlabelled adult films (covid19; no NIH film)" in student.data_source and "teacher" in student.data_source
     with pytest.raises(SystemExit, match="another train/validation split"):
-        _train(*common[:-1], "0.3", "--name", "other-split", "--pseudo-labels", teacher)
+        train_tiny(*common[:-1], "0.3", "--name", "other-split", "--pseudo-labels", teacher)
     with pytest.raises(SystemExit, match="another train/validation split"):
-        _train(*common, "--name", "other-seed", "--seed", "3", "--pseudo-labels", teacher)
+        train_tiny(*common, "--name", "other-seed", "--seed", "3", "--pseudo-labels", teacher)
 
 
 def test_near_duplicates_finds_a_copied_film_across_the_split(tmp_path):
