@@ -102,6 +102,27 @@ def test_ensemble_with_changed_member_or_edited_list_is_refused(trained, tmp_pat
     assert "ens2" not in zoo.cards and "pinned" in zoo.problems["ens2"]
 
 
+def test_rebuilding_an_ensemble_is_its_next_version_and_drops_what_described_the_old_members(trained, tmp_path,
+                                                                                             monkeypatch):
+    import shutil
+
+    from training.ensemble import main as ensemble_main
+
+    out, data = trained
+    monkeypatch.setenv("CXR_DEMO_DATA_ROOT", str(data))
+    copy = tmp_path / "ck"
+    shutil.copytree(out, copy)
+    ensemble_main(["--name", "ens3", "--members", "a", "b", "--checkpoints", str(copy), "--no-eval"])
+    (copy / "ens3" / "ood.safetensors").write_bytes(b"a detector of the old members' features")
+    ensemble_main(["--name", "ens3", "--members", "b", "a", "--checkpoints", str(copy), "--no-eval",
+                   "--why", "members retrained"])
+    card = read_card(copy / "ens3")
+    assert card.version == "2.0.0" and card.model_args["members"][0]["name"] == "b"
+    assert card.changelog == ["2.0.0: ensemble of b, a, chosen on validation: members retrained",
+                              "1.0.0: ensemble of a, b, chosen on validation"]
+    assert [p.name for p in (copy / "ens3").iterdir()] == ["config.json"]
+
+
 def test_greedy_selection_adds_a_complementary_member_and_skips_a_useless_one():
     from training.ensemble import greedy_selection
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from cxr_demo.card import ModelCard, read_card, write_card
 from cxr_demo.ensemble import ENSEMBLE_ARCHITECTURE, members_digest
 from training.evaluate import evaluate_checkpoint
 from training.metrics import macro_auroc, macro_auroc_with_finding, threshold_record, tune_card_thresholds
+from training.promote import next_version
 from training.robustness import validation_predictions
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ def greedy_selection(y: np.ndarray, probs: dict[str, np.ndarray]) -> tuple[list[
 
 
 def build_card(name: str, folders: list[Path], y: np.ndarray, probs: dict[str, np.ndarray], command: str,
-               selection: list[dict] | None = None) -> ModelCard:
+               selection: list[dict] | None = None, version: tuple[str, list[str]] | None = None) -> ModelCard:
     """The ensemble's card: members pinned by sha256, thresholds and metrics from validation."""
     cards = [read_card(f) for f in folders]
     first = cards[0]
@@ -56,9 +58,9 @@ def build_card(name: str, folders: list[Path], y: np.ndarray, probs: dict[str, n
     auc = macro_auroc(y, p)
     members = [{"name": c.name, "sha256": c.sha256} for c in cards]
     names = ", ".join(c.name for c in cards)
+    version = version or ("1.0.0", [f"1.0.0: ensemble of {names}, chosen on validation"])
     return ModelCard(
-        name=name, version="1.0.0",
-        changelog=[f"1.0.0: ensemble of {names}, chosen on validation"],
+        name=name, version=version[0], changelog=version[1],
         description=f"Average of the probabilities (and heatmaps) of {len(cards)} {first.task} models: {names}.",
         summary=f"ensemble of {len(cards)} | {first.task}: {first.training.get('n_train')} train images | "
                 f"val macro AUROC {auc:.3f}",
@@ -91,6 +93,8 @@ def main(argv: list[str] | None = None) -> Path:
     group.add_argument("--members", nargs="+", help="exactly these checkpoints")
     group.add_argument("--candidates", nargs="+", help="choose among these by greedy forward selection")
     p.add_argument("--checkpoints", type=Path, default=Path("checkpoints"), help="where members live and the card goes")
+    p.add_argument("--why", help="when the ensemble exists: what changed, for its changelog (next major version; the "
+                   "old folder's evaluation, plots and OOD detector are removed, since they describe other members)")
     p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate the ensemble on its task's test images afterwards")
     args = p.parse_args(argv)
@@ -104,9 +108,13 @@ def main(argv: list[str] | None = None) -> Path:
     if len(names) < 2:
         raise SystemExit(f"no ensemble: on validation nothing beats {names[0]} alone")
     command = "python -m training.ensemble " + " ".join(argv if argv is not None else sys.argv[1:])
-    card = build_card(args.name, [args.checkpoints / n for n in names], y, probs, command, selection)
     folder = args.checkpoints / args.name
-    folder.mkdir(parents=True, exist_ok=True)
+    why = f"ensemble of {', '.join(names)}, chosen on validation" + (f": {args.why}" if args.why else "")
+    version = next_version(folder, why)
+    card = build_card(args.name, [args.checkpoints / n for n in names], y, probs, command, selection, version)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
     write_card(card, folder)
     log.info("wrote %s: %s", folder, card.summary)
     if args.eval:
