@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from cxr_demo.card import ModelCard, read_card
+from cxr_demo.card import Calibration, ModelCard, read_card
 from tests.helpers import synthetic_xray, tiny_nih_training, train_tiny
 from training.data import Record
 from training.robustness import jpeg_change, jpeg_round_trip
@@ -66,6 +66,13 @@ def test_jpeg_change_sees_a_model_that_reads_what_jpeg_changes(tmp_path):
     assert blind["n_images"] == seeing["n_images"] == 4 and blind["quality"] == 95
     assert blind["mean_max_change"] < 0.005 and blind["share_over_0_02"] == 0.0
     assert seeing["mean_max_change"] > 0.02 and seeing["max_change"] >= seeing["p95_max_change"] >= 0
+    assert "calibrated" not in seeing  # no calibration on the card: the raw probabilities are the shown ones
+    # a steep calibration map (a model trained to keep its logits small) enlarges the change the app shows
+    steep = card.model_copy(update={"calibration": Calibration(method="platt", params={"a": (3.0, 0.0)},
+                                                                fitted_on="v", source_file="x.json")})
+    shown = jpeg_change(_Probe(True), steep, records)
+    assert shown["mean_max_change"] == pytest.approx(seeing["mean_max_change"])
+    assert shown["calibrated"]["mean_max_change"] > 1.5 * seeing["mean_max_change"]
 
 
 def test_training_with_the_jpeg_consistency_term(tmp_path, monkeypatch):

@@ -152,8 +152,10 @@ def write_table(docs: Path | None = None) -> Path:
            "recipe moves by chance, the least any other row must clear. *CAM outside thorax*: the share of each present "
            "finding's class activation map outside the film's thorax (lung model, `hull+0.05`, about half the film) on "
            "validation, mean over (film, finding) pairs (`python -m training.cam_prior`). *JPEG q95*: per validation film, the "
-           "largest change of any probability between its PNG and a quality-95 JPEG of the same pixels, mean over films and "
-           "the share of films above 0.02 (`python -m training.robustness`); - where not measured.", ""]
+           "largest change of any raw probability between its PNG and a quality-95 JPEG of the same pixels, mean over films "
+           "and the share of films above 0.02 (`python -m training.robustness`); - where not measured. A run has no "
+           "calibration yet: the consistency term's raw gain shrinks once a model is calibrated, since it partly works by "
+           "keeping the logits small (a11: 0.014 raw, 0.015 calibrated against a1's 0.025; docs/robustness/).", ""]
     for path in sorted((docs / "ablation").glob("*.json")):
         rec = json.loads(path.read_text())
         variants = rec["variants"]
