@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from cxr_demo.card import Calibration, ModelCard, read_card
 from tests.helpers import synthetic_xray, tiny_nih_training, train_tiny
 from training.data import Record
+from training.losses import consistency_gap
 from training.robustness import jpeg_change, jpeg_round_trip
 
 
@@ -90,5 +91,23 @@ def test_training_with_the_jpeg_consistency_term(tmp_path, monkeypatch):
     assert any(r["train_jpeg_logit_gap"] > 0 for r in log)
     wa, wb = load_file(str(plain / "model.safetensors")), load_file(str(held / "model.safetensors"))
     assert any(not torch.equal(wa[k], wb[k]) for k in wa)
+    relative = read_card(train_tiny(*common, "--name", "relative", "--consistency", "1", "--consistency-scale", "relative"))
+    assert relative.training["consistency"]["term"].endswith("divided by the batch's logit variance")
+    assert "divided" not in card.training["consistency"]["term"]
     with pytest.raises(SystemExit, match="not combined"):
         train_tiny(*common, "--name", "both", "--consistency", "1", "--cam-prior", "1")
+
+
+def test_relative_consistency_gap_cannot_be_met_by_shrinking_the_logits():
+    """The plain gap falls 100x when every logit is divided by 10 (what a11 learned, and calibration undid); the
+    relative one does not, and its gradient still pulls the two logits together."""
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(16, 14, generator=gen) * 3
+    zj = z + 0.2 * torch.randn(16, 14, generator=gen)
+    plain, rel = consistency_gap(z, zj), consistency_gap(z, zj, relative=True)
+    assert consistency_gap(z / 10, zj / 10).item() == pytest.approx(plain.item() / 100, rel=1e-4)
+    assert consistency_gap(z / 10, zj / 10, relative=True).item() == pytest.approx(rel.item(), rel=1e-4)
+    assert consistency_gap(z, z, relative=True).item() == 0.0
+    za = z.clone().requires_grad_()
+    consistency_gap(za, zj, relative=True).backward()
+    assert torch.allclose(za.grad, 2 * (z - zj) / z.numel() / z.var(0, unbiased=False).mean(), atol=1e-6)

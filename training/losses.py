@@ -92,3 +92,16 @@ def sample_weights(y: np.ndarray, task_kind: str) -> np.ndarray:
     none = (y.sum(1) == 0)
     w = np.where(none, 1.0 / max(int(none.sum()), 1), (y / freq).sum(1) / y.sum(1).clip(min=1))
     return w
+
+
+def consistency_gap(logits: torch.Tensor, logits_jpeg: torch.Tensor, relative: bool = False) -> torch.Tensor:
+    """Mean squared difference between the logits of a batch of images and of their JPEG round trips.
+
+    ``relative`` divides it by the batch's spread of the clean logits (per output, detached), so a model cannot
+    meet it by keeping every logit small: scaling all logits by ``s`` leaves it unchanged (the plain gap scales by
+    ``s**2``, and a calibration fitted afterwards stretches the logits, and the gap, back)."""
+    gap = (logits - logits_jpeg).pow(2).mean()
+    if not relative:
+        return gap
+    return gap / (logits.detach().var(0, unbiased=False).mean() + 1e-6)
+

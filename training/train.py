@@ -63,6 +63,7 @@ from training.evaluate import evaluate_checkpoint
 from training.losses import (
     MULTICLASS_LOSSES,
     MULTILABEL_LOSSES,
+    consistency_gap,
     log_inverse_frequency,
     multiclass_loss,
     multilabel_loss,
@@ -191,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "to the loss; the same film as PNG or JPEG should get the same answer (#13)")
     p.add_argument("--consistency-quality", type=int, default=80, metavar="Q",
                    help="with --consistency: the lowest JPEG quality drawn")
+    p.add_argument("--consistency-scale", choices=("logits", "relative"), default="logits",
+                   help="with --consistency: the gap in logits, or relative to the batch's spread of logits (cannot be "
+                        "met by keeping every logit small, which a calibration undoes; docs/robustness/)")
     p.add_argument("--freeze-stem-bn", action="store_true",
                    help="keep the stem BatchNorm's running statistics as initialised (ImageNet): a one-channel stem "
                         "summed from RGB filters has near-empty channels that re-estimated statistics amplify ~300x")
@@ -409,7 +413,7 @@ def main(argv: list[str] | None = None) -> Path:
             else:
                 loss = multiclass_loss(loss_kind, logits, yb, yg, class_weight, gamma=args.focal_gamma)
             if logits_jpeg is not None:
-                gap = (logits - logits_jpeg).pow(2).mean()
+                gap = consistency_gap(logits, logits_jpeg, relative=args.consistency_scale == "relative")
                 loss = loss + args.consistency * gap
                 gaps.append(gap.item())
             if cam_prior:
@@ -547,7 +551,9 @@ def main(argv: list[str] | None = None) -> Path:
                             + (", rounded to 8 bits" if args.consistency else ""),
             "freeze_stem_bn": args.freeze_stem_bn, "ema_decay": args.ema, "cam_prior": cam_prior,
             "consistency": ({"weight": args.consistency, "jpeg_quality": [args.consistency_quality, 100],
-                             "term": "mean squared logit difference, 8-bit image vs its JPEG round trip"}
+                             "term": "mean squared logit difference, 8-bit image vs its JPEG round trip"
+                                     + (", divided by the batch's logit variance" if args.consistency_scale == "relative"
+                                        else "")}
                             if args.consistency else None),
             "val_macro_auroc_findings_only": val_findings_only,
             "seed": args.seed, "split_seed": seed_of_split, "dtype": "float16" if args.fp16 else "float32",
