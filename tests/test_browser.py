@@ -47,7 +47,7 @@ def test_upload_predict_explain_in_chromium(live_app, tmp_path):
             overlay.wait_for(timeout=30_000)
             assert overlay.evaluate("img => img.complete && img.naturalWidth") > 0
             if image.name.startswith("000"):
-                page.get_by_text("IoU", exact=False).first.wait_for(timeout=5_000)
+                page.get_by_text("IoU", exact=False).first.wait_for(timeout=30_000)  # rendered after the overlay; slow under load
             page.screenshot(path=str(ARTIFACTS / "browser-heatmap.png"), full_page=True)
             # The lung outline toggle: ticked, the overlay is redrawn with the lungs outlined and the legend says so.
             from cxr_demo.lungs import default_lung_folder
