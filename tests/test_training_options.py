@@ -141,14 +141,12 @@ def test_chexpert_csv_uncertainty_policies(tmp_path):
 # --- training runs ---------------------------------------------------------------------------------
 
 
-
-
 def test_kermany3_with_lung_crop_focal_sampling_plateau_freeze(train_env):
     data = make_fake_kermany_covid(train_env / "data")
     folder = train_tiny("--task", "kermany3", "--data-root", data, "--arch", "test_efficientnet", "--init", "random",
-                    "--name", "k3", "--out", train_env / "ck", "--epochs", "3", "--crop", "lung", "--loss", "focal",
-                    "--weighted-sampling", "--scheduler", "plateau", "--freeze-epochs", "1", "--optimizer", "adam",
-                    "--val-fraction", "0.25")
+                         "--name", "k3", "--out", train_env / "ck", "--epochs", "3", "--crop", "lung",
+                         "--loss", "focal", "--weighted-sampling", "--scheduler", "plateau", "--freeze-epochs", "1",
+                         "--optimizer", "adam", "--val-fraction", "0.25")
     card = read_card(folder)
     ev = json.loads((folder / "eval.json").read_text())
     assert card.crop == (0.15, 0.90, 0.20, 0.80) and card.task_kind == "multiclass"
@@ -168,7 +166,7 @@ def test_frozen_epoch_changes_only_the_head(train_env):
     runs = {}
     for name, extra in (("init", ["--epochs", "0"]), ("frozen", ["--epochs", "1", "--freeze-epochs", "1"])):
         folder = train_tiny("--data-root", data, "--arch", "test_resnet", "--init", "random", "--name", name,
-                        "--out", train_env / "ck", "--no-eval", "--drop-rate", "0", *extra)
+                             "--out", train_env / "ck", "--no-eval", "--drop-rate", "0", *extra)
         runs[name] = load_file(str(folder / "model.safetensors"))
     changed = {k for k in runs["init"] if not torch.equal(runs["init"][k], runs["frozen"][k])}
     assert changed and all(k.startswith("fc.") or "running_" in k or "num_batches" in k for k in changed)
@@ -191,16 +189,16 @@ def test_init_from_our_checkpoint_and_arch_mismatch(train_env):
     data = make_fake_nih(train_env / "data")
     kdata = make_fake_kermany_covid(train_env / "data")
     src = train_tiny("--data-root", data, "--arch", "test_efficientnet", "--init", "random", "--name", "src",
-                 "--out", train_env / "ck", "--no-eval", "--epochs", "1")
+                      "--out", train_env / "ck", "--no-eval", "--epochs", "1")
     dst = train_tiny("--task", "kermany2", "--data-root", kdata, "--arch", "test_efficientnet", "--init", "checkpoint",
-                 "--init-from", src, "--name", "dst", "--out", train_env / "ck", "--no-eval", "--epochs", "0")
+                      "--init-from", src, "--name", "dst", "--out", train_env / "ck", "--no-eval", "--epochs", "0")
     a, b = load_file(str(src / "model.safetensors")), load_file(str(dst / "model.safetensors"))
     assert torch.equal(a["conv_stem.weight"], b["conv_stem.weight"])  # backbone copied
     assert b["classifier.weight"].shape[0] == 2 != a["classifier.weight"].shape[0]  # new head
     assert "in-domain: checkpoint src" in read_card(dst).init
     with pytest.raises(SystemExit, match="not test_resnet"):
         train_tiny("--data-root", data, "--arch", "test_resnet", "--init", "checkpoint", "--init-from", src,
-               "--name", "bad", "--out", train_env / "ck", "--no-eval")
+                    "--name", "bad", "--out", train_env / "ck", "--no-eval")
 
 
 def test_chexpert_task_trains_with_ignored_labels(train_env):
@@ -218,8 +216,8 @@ def test_chexpert_task_trains_with_ignored_labels(train_env):
         lines.append(",".join([rel] + [str(rng.choice(["1.0", "0.0", "-1.0", ""])) for _ in CHEXPERT_LABELS]))
     (train_env / "cx" / "train.csv").write_text("\n".join(lines) + "\n")
     folder = train_tiny("--task", "chexpert", "--chexpert-csv", train_env / "cx" / "train.csv", "--uncertain", "ignore",
-                    "--arch", "test_efficientnet", "--init", "random", "--name", "cx", "--out", train_env / "ck",
-                    "--epochs", "1", "--val-fraction", "0.5")
+                         "--arch", "test_efficientnet", "--init", "random", "--name", "cx", "--out", train_env / "ck",
+                         "--epochs", "1", "--val-fraction", "0.5")
     card = read_card(folder)
     assert card.label_names == list(CHEXPERT_LABELS) and "uncertain labels: ignore" in card.data_source
     assert not (folder / "eval.json").exists()  # no CheXpert test images here: nothing evaluated
@@ -270,7 +268,7 @@ def test_tsne_map_and_model_zoo_page(train_env, monkeypatch):
 
     data = make_fake_nih(train_env / "data")
     folder = train_tiny("--data-root", data, "--arch", "test_efficientnet", "--init", "random", "--name", "tiny",
-                    "--out", train_env / "ck", "--epochs", "1", "--val-fraction", "0.25")
+                         "--out", train_env / "ck", "--epochs", "1", "--val-fraction", "0.25")
     meta = report.compute_tsne(folder, train_env / "zoo", data_root=data)
     assert (train_env / "zoo" / "tsne-tiny.png").stat().st_size > 5000
     assert meta["n_images"] == 16 and meta["weights_sha256"] == read_card(folder).sha256
@@ -315,7 +313,7 @@ def test_extra_64px_films_join_training_only(train_env):
     assert "64 x 64" not in plain.data_source
     with pytest.raises(SystemExit, match="nih14 only"):
         train_tiny("--task", "kermany2", "--data-root", make_fake_kermany_covid(train_env / "data"), "--arch",
-               "test_efficientnet", "--init", "random", "--out", train_env / "ck", "--name", "k", "--extra-64px")
+                    "test_efficientnet", "--init", "random", "--out", train_env / "ck", "--name", "k", "--extra-64px")
 
 
 def test_ablation_records_a_run_trained_before(train_env, monkeypatch):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from cxr_demo.card import ModelCard, read_card, write_card
 from cxr_demo.ensemble import ENSEMBLE_ARCHITECTURE, members_digest
 from training.evaluate import evaluate_checkpoint
 from training.metrics import macro_auroc, macro_auroc_with_finding, threshold_record, tune_card_thresholds
-from training.promote import next_version
+from training.promote import empty_folder, next_version
 from training.robustness import validation_predictions
 
 log = logging.getLogger(__name__)
@@ -112,9 +111,7 @@ def main(argv: list[str] | None = None) -> Path:
     why = f"ensemble of {', '.join(names)}, chosen on validation" + (f": {args.why}" if args.why else "")
     version = next_version(folder, why)
     card = build_card(args.name, [args.checkpoints / n for n in names], y, probs, command, selection, version)
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    empty_folder(folder)
     write_card(card, folder)
     log.info("wrote %s: %s", folder, card.summary)
     if args.eval:

@@ -104,4 +104,3 @@ def consistency_gap(logits: torch.Tensor, logits_jpeg: torch.Tensor, relative: b
     if not relative:
         return gap
     return gap / (logits.detach().var(0, unbiased=False).mean() + 1e-6)
-

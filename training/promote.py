@@ -20,7 +20,7 @@ from pathlib import Path
 from cxr_demo.card import CARD_FILE, WEIGHTS_FILE, plain_name, read_card, write_card
 from cxr_demo.models import sha256_file
 
-CARRIED = (WEIGHTS_FILE, "train_log.jsonl")
+CARRIED = (CARD_FILE, WEIGHTS_FILE, "train_log.jsonl")  # the card too: write_card keeps its timm fields
 
 
 def promote(run: Path, name: str, why: str, checkpoints: Path = Path("checkpoints"),
@@ -40,15 +40,13 @@ def promote(run: Path, name: str, why: str, checkpoints: Path = Path("checkpoint
                              "model: choose another name")
         description = description or old.description
     version, changelog = next_version(folder, why)
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    empty_folder(folder)
     for f in CARRIED:
         if (run / f).is_file():
             shutil.copy2(run / f, folder / f)
     new = card.model_copy(update={"name": name, "version": version, "changelog": changelog,
                                   "description": description or card.description})
-    write_card(new, folder, num_features=_num_features(run))
+    write_card(new, folder)
     return folder
 
 
@@ -62,10 +60,11 @@ def next_version(folder: Path, why: str) -> tuple[str, list[str]]:
     return version, [f"{version}: {why}", *old.changelog]
 
 
-def _num_features(run: Path) -> int | None:
-    import json
-
-    return json.loads((run / CARD_FILE).read_text(encoding="utf-8")).get("num_features")
+def empty_folder(folder: Path) -> None:
+    """``folder`` made (again) with nothing in it: what was there described other weights."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
 
 
 def main(argv: list[str] | None = None) -> Path:
